@@ -1,0 +1,3 @@
+from sslens.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""The one data interface: uint8 images (N, H, W, 3), int64 labels and, where known, ground truth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from sslens.registry import Registry
+
+DATASETS = Registry("dataset")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageData:
+    """A dataset that fits in memory (and so on the training device).
+
+    Attributes:
+        images: (N, H, W, 3) uint8.
+        labels: (N,) int64 class indices into ``class_names``.
+        class_names: one name per class.
+        masks: (N, H, W) bool object segmentation, or None where unknown.
+        depth: (N, H, W) float32 relative inverse depth in [0, 1] (1 = nearest, as MiDaS
+            predicts), or None where unknown.
+        mean, std: per-channel statistics used to normalise these images for a model.
+        source: a short description (dataset name, path, split) recorded in run metadata.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    masks: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    source: str = ""
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(
+                f"ImageData.images must be uint8 (N, H, W, 3); got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if len(self.images) == 0:
+            raise ValueError(f"The dataset {self.source or ''} is empty: it holds no images.")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(
+                f"ImageData.labels must have shape ({len(self.images)},); got {tuple(self.labels.shape)}"
+            )
+        for name in ("masks", "depth"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != tuple(self.images.shape[:3]):
+                raise ValueError(
+                    f"ImageData.{name} must have shape {tuple(self.images.shape[:3])}; "
+                    f"got {tuple(value.shape)}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to(self, device: torch.device | str) -> ImageData:
+        """The same data with every tensor on ``device`` (a no-op where already there)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ImageData(
+            move(self.images), move(self.labels), self.class_names, move(self.masks),
+            move(self.depth), self.mean, self.std, self.source, self.extras,
+        )
+
+    def subset(self, indices: torch.Tensor) -> ImageData:
+        pick = lambda t: None if t is None else t[indices.to(t.device)]  # noqa: E731
+        return ImageData(
+            pick(self.images), pick(self.labels), self.class_names, pick(self.masks),
+            pick(self.depth), self.mean, self.std, self.source, self.extras,
+        )
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+        device: torch.device | str | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images (B, H, W, 3) uint8, labels (B,)) on ``device``.
+
+        The order depends only on (seed, epoch), so an interrupted run resumes with the same
+        batches it would have seen.
+        """
+        device = torch.device(device) if device is not None else self.images.device
+        if shuffle:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(len(self), generator=generator)
+        else:
+            order = torch.arange(len(self))
+        stop = len(self) - (len(self) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            index = order[start : start + batch_size].to(self.images.device)
+            yield self.images[index].to(device, non_blocking=True), self.labels[index].to(device)
+
+    def num_batches(self, batch_size: int, drop_last: bool) -> int:
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+
+def load_dataset(name: str, split: str, **options) -> ImageData:
+    """Load dataset ``name`` ("synthetic", "cifar10", "imagefolder") for ``split`` ("train"/"test")."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    return DATASETS.create(name, split=split, **options)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → (B, 3, H, W) float32 in [0, 1], on the same device."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] → normalised with per-channel ``mean`` and ``std``."""
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Inverse of :func:`normalize`."""
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x * std_t + mean_t

@@ -1,0 +1,75 @@
+"""The shared base of every self-supervised method: one training loop drives them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sslens.models.base import Backbone
+from sslens.registry import Registry
+
+METHODS = Registry("method")
+
+
+@dataclass
+class StepOutput:
+    """What one training step returns: the loss to minimise and detached metrics to log.
+
+    ``metrics`` always holds ``positive_pair_top1`` for the contrastive methods: how often the
+    positive is the most similar candidate in the batch. It is a training statistic (the
+    reference report's "82.8% accuracy"), never a downstream accuracy.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SSLMethod(nn.Module):
+    """A self-supervised method: a backbone, a projection head and a loss.
+
+    Subclasses set ``default_views`` (a view-recipe name) and implement :meth:`training_step`;
+    they may override the two optimiser hooks. All state that must survive a resume (momentum
+    encoder, queues, prototypes) lives in parameters or registered buffers, so it travels in
+    ``state_dict()``.
+    """
+
+    default_views: str = "simclr"
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, feature_dim) pooled representation (what downstream tasks use)."""
+        return self.backbone(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, out_dim) projection-head output (what the loss sees)."""
+        return self.projector(self.backbone(x))
+
+    def training_step(self, views: list[torch.Tensor]) -> StepOutput:
+        raise NotImplementedError
+
+    def on_before_optimizer_step(self, step: int) -> None:
+        """Called after backward, before the optimiser steps (e.g. SwAV freezes prototypes)."""
+
+    def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after the optimiser steps (e.g. MoCo's momentum update)."""
+
+    def encoder(self, output: str = "pooled") -> nn.Module:
+        """An ``nn.Module`` mapping images (B, 3, H, W) → embeddings (B, D), for explainers.
+
+        ``output`` is "pooled" (backbone representation) or "projection" (head output).
+        """
+        if output == "pooled":
+            return self.backbone
+        if output == "projection":
+            return nn.Sequential(self.backbone, self.projector)
+        raise ValueError(f"output must be 'pooled' or 'projection'; got {output!r}")
+
+
+def create_method(name: str, backbone: Backbone, **options) -> SSLMethod:
+    """Build a registered method by name around ``backbone``."""
+    return METHODS.create(name, backbone, **options)

@@ -1,0 +1,47 @@
+"""The backbone interface shared by every encoder sslens trains or explains."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sslens.registry import Registry
+
+BACKBONES = Registry("backbone")
+
+
+class Backbone(nn.Module):
+    """An image encoder: (B, 3, H, W) normalised images → (B, feature_dim) pooled representation.
+
+    Subclasses set ``feature_dim`` and ``layer_names`` (convolutional stages reachable by name,
+    e.g. ``("stem", "layer1", ..., "layer4")`` for a ResNet, last = default Grad-CAM layer) and
+    implement :meth:`forward_features`.
+    """
+
+    feature_dim: int
+    layer_names: tuple[str, ...] = ()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, C, h, w) feature map of the last convolutional stage."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, feature_dim): global-average-pooled last feature map."""
+        return self.forward_features(x).mean(dim=(2, 3))
+
+    def get_layer(self, name: str) -> nn.Module:
+        """The convolutional stage ``name``; a ValueError lists the valid names otherwise."""
+        if name not in self.layer_names:
+            raise ValueError(
+                f"This backbone has no layer {name!r}. Valid layer names: {', '.join(self.layer_names)}."
+            )
+        return self.get_submodule(name)
+
+    @property
+    def default_layer(self) -> str:
+        return self.layer_names[-1]
+
+
+def create_backbone(name: str, **options) -> Backbone:
+    """Build a registered backbone by name, e.g. ``create_backbone("resnet18-cifar")``."""
+    return BACKBONES.create(name, **options)
