@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints these as one paragraph, without a traceback, and exits 2."""
+
+
+class UserError(ValueError):
+    """Bad input or configuration that the user can fix; the message says how."""
+
+
+class DatasetError(UserError):
+    """A dataset is missing, empty, or unreadable."""
