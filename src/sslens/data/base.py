@@ -76,14 +76,18 @@ class ImageData:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ImageData(
             move(self.images), move(self.labels), self.class_names, move(self.masks),
-            move(self.depth), self.mean, self.std, self.source, self.extras,
+            move(self.depth), self.mean, self.std, self.source,
+            {key: move(value) if torch.is_tensor(value) else value for key, value in self.extras.items()},
         )
 
     def subset(self, indices: torch.Tensor) -> ImageData:
         pick = lambda t: None if t is None else t[indices.to(t.device)]  # noqa: E731
+        # Per-image extras (first dimension N) follow the images; anything else is shared.
+        per_image = lambda v: torch.is_tensor(v) and v.ndim > 0 and len(v) == len(self)  # noqa: E731
         return ImageData(
             pick(self.images), pick(self.labels), self.class_names, pick(self.masks),
-            pick(self.depth), self.mean, self.std, self.source, self.extras,
+            pick(self.depth), self.mean, self.std, self.source,
+            {key: pick(value) if per_image(value) else value for key, value in self.extras.items()},
         )
 
     def iter_batches(

@@ -1,0 +1,88 @@
+"""Decoded-dataset caches: one ``torch.save`` file per (dataset, split), written atomically.
+
+A cache file holds a dict of tensors, strings and lists, and is read back with
+``torch.load(weights_only=True)`` (no arbitrary pickles). It stores the ``key`` it was built for
+(a fingerprint of the source files and options); a file whose key differs is rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def fingerprint(*parts: object) -> str:
+    """A short, stable hex digest of ``parts`` (their ``repr``s)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sslens`` or ``~/.cache/sslens``: the fallback for read-only data folders."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sslens"
+
+
+def writable_dir(preferred: Path, fallback_name: str) -> Path:
+    """``preferred`` if it can be created and written, else ``user_cache_dir() / fallback_name``.
+
+    Data folders are often read-only (a shared mount); the cache then goes to the user's home.
+    """
+    for candidate in (preferred, user_cache_dir() / fallback_name):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            continue
+        return candidate
+    return preferred
+
+
+def load_cache(path: Path, key: str) -> dict[str, Any] | None:
+    """The payload saved at ``path`` for ``key``, or None if absent, stale or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        warnings.warn(f"Ignoring the unreadable cache {path} ({error}); decoding again.", stacklevel=3)
+        return None
+    if not isinstance(payload, dict) or payload.get("key") != key:
+        return None
+    return payload
+
+
+def save_cache(path: Path, key: str, payload: dict[str, Any]) -> bool:
+    """Write ``payload`` (plus ``key``) to ``path`` atomically; False (with a warning) on failure.
+
+    The file is written under a temporary name in the same folder and renamed into place, so a
+    crash or a concurrent reader never sees half a cache.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        warnings.warn(f"Cannot write the cache {path} ({error}); will decode again next time.", stacklevel=3)
+        return False
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save({**payload, "key": key}, file)
+        os.replace(temp, path)
+    except OSError as error:
+        warnings.warn(f"Cannot write the cache {path} ({error}); will decode again next time.", stacklevel=3)
+        return False
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return True
