@@ -1,0 +1,17 @@
+"""Backbones and heads. Importing this package registers every backbone in ``BACKBONES``."""
+
+from sslens.models import resnet
+from sslens.models.base import BACKBONES, Backbone, create_backbone
+from sslens.models.heads import ProjectionHead
+from sslens.models.resnet import ImportReport, ResNet, load_torchvision_state_dict
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "ImportReport",
+    "ProjectionHead",
+    "ResNet",
+    "create_backbone",
+    "load_torchvision_state_dict",
+    "resnet",
+]
