@@ -1,0 +1,137 @@
+"""Weighted k-nearest-neighbour classification of frozen features.
+
+Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination"
+(https://arxiv.org/abs/1805.01978), Sec. 3.4: "we first compute its feature and compare it
+against the embeddings of all the images in the memory bank, using cosine similarity
+s_i = cos(v_i, f̂). The top k nearest neighbors, denoted by N_k, would then be used to make
+the prediction via weighted voting. Specifically, class c would get a total weight
+w_c = Σ_{i∈N_k} α_i · 1(c_i = c). Here, α_i is the contributing weight of neighbor x_i, which
+depends on the similarity as α_i = exp(s_i/τ)." The lightly and solo-learn online monitors use
+the same rule with k=200, τ=0.1, the defaults here.
+
+>>> import torch
+>>> train = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+>>> knn_top1(train, torch.tensor([0, 1]), torch.tensor([[2.0, 0.1]]), torch.tensor([0]), k=2)
+1.0
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_features(name: str, features: torch.Tensor) -> None:
+    if not torch.is_tensor(features) or features.ndim != 2 or len(features) == 0:
+        shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+        raise ValueError(f"{name} must be a non-empty (N, D) tensor; got {shape}")
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be floating point; got {features.dtype}")
+
+
+def _check_labels(name: str, labels: torch.Tensor, count: int, num_classes: int | None) -> None:
+    if not torch.is_tensor(labels) or labels.shape != (count,):
+        shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise ValueError(f"{name} must be a ({count},) tensor, one label per feature row; got {shape}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name} must hold integer class indices; got {labels.dtype}")
+    if num_classes is not None and count and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{name} must lie in [0, num_classes={num_classes}); got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]. Pass the dataset's num_classes."
+        )
+
+
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    *,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Class scores of each query from its ``k`` most cosine-similar training features.
+
+    Both feature sets are L2-normalised; each of the ``k`` nearest training features votes
+    for its class with weight exp(s/τ). ``k`` is clipped to the number of training features,
+    so a small training set votes with all of its members. The computation runs on
+    ``train_features.device`` in float32, ``chunk_size`` queries at a time, so memory is
+    (chunk_size, N) rather than (Q, N).
+
+    The scores are the paper's class weights w_c divided by their sum over classes: a
+    distribution per query with the same argmax as w_c. Exponents are taken relative to
+    the most similar neighbour, so a small τ cannot overflow float32.
+
+    Args:
+        train_features: (N, D) features of the labelled set.
+        train_labels: (N,) integer labels in [0, num_classes).
+        query_features: (Q, D) features to classify.
+        num_classes: number of classes C.
+        k: neighbours that vote (>= 1).
+        temperature: τ > 0; smaller gives the nearest neighbours more say.
+        chunk_size: queries processed at once.
+
+    Returns:
+        (Q, C) float32 scores on ``train_features.device``; each row sums to 1.
+    """
+    _check_features("train_features", train_features)
+    _check_features("query_features", query_features)
+    if train_features.shape[1] != query_features.shape[1]:
+        raise ValueError(
+            f"train_features and query_features must have the same feature dimension; got "
+            f"{train_features.shape[1]} and {query_features.shape[1]}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
+    _check_labels("train_labels", train_labels, len(train_features), num_classes)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer (200 is the usual choice); got {k!r}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number (0.1 is usual); got {temperature!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+
+    device = train_features.device
+    train = F.normalize(train_features.detach().float(), dim=1)
+    labels = train_labels.detach().to(device=device, dtype=torch.long)
+    k = min(k, len(train))
+    scores = []
+    for start in range(0, len(query_features), chunk_size):
+        query = F.normalize(query_features[start : start + chunk_size].detach().to(device).float(), dim=1)
+        similarity, index = (query @ train.T).topk(k, dim=1)  # (q, k), sorted, most similar first
+        weights = torch.exp((similarity - similarity[:, :1]) / temperature)
+        votes = torch.zeros(len(query), num_classes, device=device)
+        votes.scatter_add_(1, labels[index], weights)
+        scores.append(votes / votes.sum(dim=1, keepdim=True))
+    return torch.cat(scores)
+
+
+def knn_top1(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    k: int = 200,
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> float:
+    """Fraction in [0, 1] of test features whose weighted-kNN class is their label.
+
+    ``num_classes`` defaults to one more than the largest label seen. Ties between classes
+    go to the lowest class index. See :func:`knn_predict` for the rule.
+    """
+    _check_features("test_features", test_features)
+    _check_labels("train_labels", train_labels, len(train_labels), None)
+    _check_labels("test_labels", test_labels, len(test_features), num_classes)
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_predict(
+        train_features, train_labels, test_features,
+        num_classes=num_classes, k=k, temperature=temperature, chunk_size=chunk_size,
+    )
+    predictions = scores.argmax(dim=1)
+    return (predictions == test_labels.to(predictions.device)).float().mean().item()
