@@ -1,0 +1,217 @@
+"""The ``sslens explain`` glue: files in, npz + png out, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
+from sslens.errors import UserError
+from sslens.explain.gradcam import SimilarityCAM
+from sslens.explain.images import load_image_tensor, load_rgb, preprocess
+from sslens.explain.run import explain_images
+from sslens.methods import create_method
+from sslens.models import create_backbone
+from sslens.train.checkpoint import load_model, provenance, save_model
+
+torch.set_num_threads(1)
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    method = create_method("simclr", create_backbone("resnet-tiny"), out_dim=8)
+    meta = {
+        "method": "simclr", "method_options": {"out_dim": 8}, "backbone": "resnet-tiny",
+        "backbone_options": {}, "image_size": [32, 32], "mean": MEAN, "std": STD,
+        "class_names": ["a", "b"], "data": {"name": "synthetic"}, "epoch": 1, "step": 10,
+        **provenance(),
+    }
+    return save_model(tmp_path_factory.mktemp("run") / "model", method, meta)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / "colour.png")
+    Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8), mode="L").save(folder / "grey.jpg")
+    (folder / "notes.txt").write_text("not an image, and not picked up from the folder")
+    return folder
+
+
+def read_npz(path):
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def assert_png(path):
+    with Image.open(path) as image:
+        image.load()
+        assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_gradcam_on_a_folder_writes_raw_maps_matching_the_explainer(model_dir, image_dir, tmp_path, capsys):
+    paths = explain_images(
+        str(model_dir), [str(image_dir)], method="gradcam", out_dir=tmp_path, reference="augmented", seed=3
+    )
+    assert [p.name for p in paths] == ["colour_gradcam.npz", "colour_gradcam.png", "grey_gradcam.npz", "grey_gradcam.png"]
+    assert "grey_gradcam.png" in capsys.readouterr().out
+    data = read_npz(tmp_path / "grey_gradcam.npz")
+    assert set(data) == {"importance", "image", "input", "info"}
+    assert data["importance"].shape == (32, 32) and data["importance"].dtype == np.float32
+    assert data["image"].shape == (32, 32, 3) and data["image"].dtype == np.uint8
+    assert data["input"].shape == (3, 32, 32)
+    info = json.loads(str(data["info"]))
+    assert info["preprocessing"]["original_mode"] == "L"
+    assert info["preprocessing"]["original_size"] == [30, 20]
+    assert info["preprocessing"]["mean"] == MEAN
+    assert info["explainer"]["layer"] == "layer4" and info["reference"] == "augmented"
+    # The glue hands the explainer exactly the preprocessed input and options.
+    method, _ = load_model(model_dir)
+    expected = SimilarityCAM(method.encoder("pooled"), seed=3)(torch.from_numpy(data["input"])[None], reference="augmented")
+    np.testing.assert_allclose(data["importance"], expected.importance[0].numpy(), rtol=1e-5, atol=1e-9)
+    expected_input, _ = load_image_tensor(image_dir / "grey.jpg", (32, 32), MEAN, STD)
+    np.testing.assert_array_equal(data["input"], expected_input.numpy())
+    for path in paths[1::2]:
+        assert_png(path)
+
+
+def test_gradcam_with_a_reference_image_and_layer(model_dir, image_dir, tmp_path):
+    paths = explain_images(
+        str(model_dir), [str(image_dir / "colour.png")], method="gradcam++", out_dir=tmp_path,
+        reference=str(image_dir / "grey.jpg"), layer="layer3", output="projection",
+    )
+    info = json.loads(str(read_npz(paths[0])["info"]))
+    assert info["explainer"]["layer"] == "layer3" and info["explainer"]["method"] == "gradcam++"
+    assert info["reference"].endswith("grey.jpg") and info["source"]["output"] == "projection"
+
+
+def test_reference_folder_gives_a_reference_set(model_dir, image_dir, tmp_path):
+    paths = explain_images(
+        str(model_dir), [str(image_dir / "colour.png")], method="gradcam", out_dir=tmp_path, reference=str(image_dir)
+    )
+    info = json.loads(str(read_npz(paths[0])["info"]))
+    assert info["explainer"]["mode"] == "reference_set" and info["explainer"]["reference_set_size"] == 2
+
+
+def test_torchvision_weights(image_dir, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    paths = explain_images(
+        None, [str(image_dir / "grey.jpg")], method="gradcam", out_dir=tmp_path / "out",
+        reference="augmented", weights=str(weights), arch="resnet18",
+    )
+    data = read_npz(paths[0])
+    assert data["importance"].shape == (224, 224)
+    info = json.loads(str(data["info"]))
+    assert info["preprocessing"]["mean"] == pytest.approx(list(IMAGENET_MEAN))
+    assert info["preprocessing"]["std"] == pytest.approx(list(IMAGENET_STD))
+    assert info["source"]["arch"] == "resnet18"
+
+
+def test_duplicate_stems_do_not_overwrite(model_dir, image_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(other / "colour.png")
+    paths = explain_images(
+        str(model_dir), [str(image_dir / "colour.png"), str(other / "colour.png")], method="gradcam",
+        out_dir=tmp_path / "out", reference="augmented",
+    )
+    assert [p.name for p in paths[::2]] == ["colour_gradcam.npz", "colour-2_gradcam.npz"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"images": ["missing.png"]}, ["missing.png", "does not exist"]),
+        ({"images": ["BROKEN"]}, ["broken.png", "Cannot read"]),
+        ({"layer": "layer9"}, ["layer9", "Valid layer names: stem, layer1, layer2, layer3, layer4"]),
+        ({"reference": None}, ["--reference IMAGE", "--reference augmented"]),
+        ({"method": "gradcamm"}, ["Unknown method 'gradcamm'", "gradcam", "relax", "perceptual"]),
+        ({"method": "relax", "layer": "layer4", "reference": None}, ["--layer does not apply to relax"]),
+        ({"method": "relax"}, ["--reference does not apply to relax"]),
+        ({"weights": "w.pth"}, ["either an sslens model", "--weights"]),
+        ({"model": None, "weights": "w.pth"}, ["--weights needs --arch"]),
+        ({"output": "logits"}, ["'pooled' or 'projection'"]),
+        ({"reference": "nowhere.png"}, ["nowhere.png", "does not exist"]),
+    ],
+)
+def test_bad_input_raises_user_error(model_dir, image_dir, tmp_path, kwargs, words):
+    (tmp_path / "broken.png").write_bytes(b"this is not a png")
+    args = {"model": str(model_dir), "images": [str(image_dir / "colour.png")], "method": "gradcam",
+            "reference": "augmented", "out_dir": tmp_path / "out", **kwargs}
+    if args["images"] == ["BROKEN"]:
+        args["images"] = [str(tmp_path / "broken.png")]
+    with pytest.raises(UserError) as raised:
+        explain_images(args.pop("model"), args.pop("images"), **args)
+    for word in words:
+        assert word in str(raised.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_image_modes_are_converted_and_recorded(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[0, 0, 3] = 0  # transparent: must show the white background, not the hidden red
+    rgba[1:, :, 3] = 255
+    rgba[0, 1:, 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "alpha.png")
+    image, record = load_rgb(tmp_path / "alpha.png")
+    assert np.asarray(image)[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(image)[1, 1].tolist() == [200, 0, 0]
+    assert record["original_mode"] == "RGBA" and "white" in record["conversion"]
+
+    deep = np.array([[0, 65535], [32896, 65535]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    image, record = load_rgb(tmp_path / "deep.png")
+    assert record["original_mode"].startswith("I")
+    assert np.asarray(image)[..., 0].tolist() == [[0, 255], [128, 255]]
+
+    palette = Image.new("P", (3, 3))
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    palette.save(tmp_path / "palette.gif")
+    image, _ = load_rgb(tmp_path / "palette.gif")
+    assert image.mode == "RGB" and np.asarray(image)[1, 1].tolist() == [10, 20, 30]
+
+
+def test_preprocess_resizes_shorter_side_and_centre_crops():
+    # A 2:1 image whose left and right quarters are black, middle white: after the resize to
+    # cover 8x8 and the centre crop, only the white middle remains.
+    pixels = np.zeros((16, 32, 3), np.uint8)
+    pixels[:, 8:24] = 255
+    tensor, record = preprocess(Image.fromarray(pixels), (8, 8), (0.0,) * 3, (1.0,) * 3)
+    assert record["resized_to"] == [8, 16] and record["crop_box"] == [0, 4, 8, 12]
+    assert tensor.shape == (3, 8, 8)
+    assert torch.allclose(tensor[:, :, 1:-1], torch.ones(3, 8, 6), atol=0.02)
+
+
+def test_relax_writes_importance_and_uncertainty(model_dir, image_dir, tmp_path):
+    paths = explain_images(
+        str(model_dir), [str(image_dir / "grey.jpg")], method="relax", out_dir=tmp_path, num_masks=16
+    )
+    data = read_npz(paths[0])
+    assert {"importance", "uncertainty", "image", "input", "info"} <= set(data)
+    assert data["importance"].shape == data["uncertainty"].shape == (32, 32)
+    assert np.isfinite(data["importance"]).all()
+    assert json.loads(str(data["info"]))["options"]["num_masks"] == 16
+    assert_png(paths[1])
+
+
+def test_perceptual_writes_one_map_per_component(model_dir, image_dir, tmp_path):
+    paths = explain_images(
+        str(model_dir), [str(image_dir / "colour.png")], method="perceptual", out_dir=tmp_path,
+        components=["color", "brightness"], num_masks=8,
+    )
+    data = read_npz(paths[0])
+    assert {"component_color", "component_brightness"} <= set(data)
+    assert data["component_color"].shape == (32, 32)
+    assert_png(paths[1])
