@@ -1,5 +1,144 @@
-"""Command line entry point (filled in by the training issue)."""
+"""The ``sslens`` command line: thin commands over the library.
+
+Heavy libraries (torch, torchvision, matplotlib, scikit-learn) are imported inside the commands,
+so ``sslens --help`` answers at once. A :class:`~sslens.errors.UserError` is printed as one
+paragraph on stderr and exits with status 2, without a traceback. To add a command, write a
+function decorated with ``@app.command()`` that parses options and calls library code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sslens.errors import UserError
+
+app = typer.Typer(
+    name="sslens",
+    help="Train self-supervised image models (SimCLR, MoCo v2, SwAV) and explain their representations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERROR_EXIT = 2
 
 
-def main() -> None:
-    raise SystemExit("sslens CLI is being built")
+@app.command("train")
+def train_command(
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c",
+        help="YAML config file, or the name of a packaged one (e.g. simclr-synthetic). "
+        "Flags and --set override its values. With --resume and no --config, RUN/config.yaml is used.",
+    )] = None,
+    method: Annotated[str | None, typer.Option(help="Self-supervised method: simclr, moco or swav.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Encoder, e.g. resnet18-cifar, resnet50, resnet-tiny.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset source: synthetic, cifar10 or imagefolder.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset (cifar10, imagefolder).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Side of the square training views in pixels.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training split.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per optimiser step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (after linear warm-up, then cosine decay).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd, lars, adam or adamw.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (default runs/<method>-<data>).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of data order, augmentations and initialisation.")] = None,
+    compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the model (not the optimiser step).", show_default=False,
+    )] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out from its latest checkpoint (bitwise-exact on the CPU in deterministic mode).",
+    )] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace a run already in --out; its files are deleted only after the new run's first checkpoint.",
+    )] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE",
+        help="Set any config key (repeatable); values are YAML, dotted keys reach nested options: "
+        "--set method_options.temperature=0.2 --set knn_every=5. Applied after the other flags.",
+    )] = None,
+) -> None:
+    """Train a self-supervised model; writes config.yaml, log.jsonl, checkpoints/ and model/ in the run directory."""
+    from sslens.train.config import load_config, parse_assignment
+    from sslens.train.loop import train
+
+    flags = {
+        "method": method, "backbone": backbone, "data": data, "data_dir": data_dir,
+        "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "optimizer": optimizer, "device": device, "out": out, "seed": seed, "compile": compile,
+    }
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    for text in set_ or []:
+        key, value = parse_assignment(text)
+        overrides[key] = value
+    if resume and config is None:
+        if "out" not in overrides:
+            raise UserError("--resume needs --out RUN (the run directory to continue).")
+        config = Path(overrides["out"]) / "config.yaml"
+        if not config.is_file():
+            raise UserError(f"Nothing to resume: {config} does not exist. Drop --resume to start a new run.")
+    run_dir = train(load_config(config, overrides), resume=resume, overwrite=overwrite)
+    typer.echo(f"Run finished: {run_dir} (model in {run_dir / 'model'}; evaluate with `sslens evaluate {run_dir}`)")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (or model directory) written by `sslens train`.")],
+    k: Annotated[int, typer.Option(help="Neighbours of the weighted kNN classifier.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Temperature of the kNN vote weights exp(s/T).")] = 0.1,
+    linear: Annotated[bool, typer.Option("--linear/--no-linear", help="Also train a linear probe.")] = True,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the results here (RUN_DIR/evaluation.json is always written).",
+    )] = None,
+) -> None:
+    """Evaluate a trained model's frozen features: kNN and linear-probe top-1 on the held-out split.
+
+    The run's training split is the kNN memory bank and the probe's training set; its test split
+    is held out for the scores.
+    """
+    from sslens.evaluate import evaluate_encoder, format_results_table
+    from sslens.train.checkpoint import atomic_write_bytes, load_model
+    from sslens.train.config import TrainConfig
+    from sslens.train.loop import load_split, resolve_device
+
+    torch_device = resolve_device(device)
+    method, meta = load_model(run_dir, device=torch_device)
+    if "config" not in meta:
+        raise UserError(
+            f"{run_dir} records no training config, so sslens cannot tell which dataset to evaluate on. "
+            f"Evaluate a run directory written by `sslens train`."
+        )
+    config = TrainConfig(**{**meta["config"], "device": str(torch_device)})
+    train_data = load_split(config, "train", torch_device)
+    test_data = load_split(config, "test", torch_device)
+    result = evaluate_encoder(
+        method.encoder("pooled"), train_data, test_data, k=k, temperature=temperature, linear=linear,
+        device=torch_device, seed=config.seed,
+    )
+    details = result["details"]
+    result["model"] = {key: meta[key] for key in ("method", "backbone", "epoch", "step")}
+    typer.echo(format_results_table({f"{meta['method']} ({meta['backbone']})": result}))
+    typer.echo(
+        f"k={details['k']}  T={details['temperature']}  N train={details['num_train']}  "
+        f"N test={details['num_test']}  classes={details['num_classes']}"
+    )
+    text = json.dumps(result, indent=2).encode()
+    destinations = [Path(run_dir) / "evaluation.json"] if Path(run_dir).is_dir() else []
+    destinations += [json_path] if json_path is not None else []
+    for destination in destinations:
+        atomic_write_bytes(destination, text)
+        typer.echo(f"wrote {destination}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``sslens`` script and ``python -m sslens``."""
+    try:
+        app(args=argv, prog_name="sslens")
+    except UserError as error:
+        print(f"sslens: error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None

@@ -1,0 +1,313 @@
+"""Crash-safe model files and training checkpoints.
+
+A *model directory* holds ``model.safetensors`` (``method.state_dict()``: backbone, heads and
+buffers such as MoCo's queue) and ``meta.json`` (everything needed to rebuild the method:
+names, options, image size, normalisation, class names, provenance). A *checkpoint* is a model
+directory plus ``state.pt``: optimizer state, step, epoch and RNG states, saved with plain
+tensors/dicts/lists/numbers/strings only, so it loads with ``torch.load(..., weights_only=True)``.
+
+Layout of a run directory::
+
+    RUN/config.yaml              resolved training config
+    RUN/log.jsonl                one JSON record per log interval and per epoch
+    RUN/checkpoints/epoch-0003/  model.safetensors, meta.json, state.pt
+    RUN/checkpoints/latest       text file naming the newest complete checkpoint
+    RUN/model/                   the final model (model.safetensors, meta.json)
+
+Atomicity: every directory is written completely under a temporary name beside its target
+(each file flushed and fsynced) and then renamed into place; the ``latest`` pointer is replaced
+atomically only after that; old checkpoints are pruned only after the pointer moved. A process
+killed at any moment therefore leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sslens.errors import UserError
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+STATE_FILE = "state.pt"
+LATEST_FILE = "latest"
+CHECKPOINT_PREFIX = "epoch-"
+
+#: Test hook: seconds to sleep after each file a directory writer writes, so a test can kill
+#: the process in the middle of writing a checkpoint. Read only by :func:`_write_directory`.
+SLEEP_ENV = "SSLENS_TEST_CHECKPOINT_SLEEP_S"
+
+REQUIRED_META_KEYS = (
+    "method",
+    "method_options",
+    "backbone",
+    "backbone_options",
+    "image_size",
+    "mean",
+    "std",
+    "class_names",
+    "data",
+    "epoch",
+    "step",
+    "sslens_version",
+    "torch_version",
+    "created",
+)
+
+
+def provenance() -> dict[str, str]:
+    """The ``sslens_version``, ``torch_version`` and ``created`` (UTC ISO 8601) meta entries."""
+    from sslens import __version__
+
+    return {
+        "sslens_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # A rename is durable only once the directory entry itself reaches the disk.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_directory(target: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into a temporary sibling of ``target``, then swap it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    sleep_s = float(os.environ.get(SLEEP_ENV, "0"))
+    try:
+        for name, data in files.items():
+            atomic_write_bytes(tmp / name, data)
+            if sleep_s > 0:
+                time.sleep(sleep_s)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_directory(target.parent)
+
+
+def _weights_bytes(module: torch.nn.Module) -> bytes:
+    from safetensors.torch import save
+
+    # Copies on the CPU: safetensors needs contiguous tensors that share no storage.
+    tensors = {
+        name: value.detach().to("cpu", copy=True).contiguous()
+        for name, value in module.state_dict().items()
+    }
+    return save(tensors)
+
+
+def _meta_bytes(meta: dict) -> bytes:
+    missing = [key for key in REQUIRED_META_KEYS if key not in meta]
+    if missing:
+        raise ValueError(
+            f"Model meta is missing {', '.join(missing)}; a model directory must record "
+            f"{', '.join(REQUIRED_META_KEYS)} (see sslens.train.checkpoint.provenance for the last three)."
+        )
+    return json.dumps(meta, indent=2, sort_keys=True).encode()
+
+
+def save_model(directory: str | os.PathLike, method: torch.nn.Module, meta: dict) -> Path:
+    """Write ``method``'s weights and ``meta`` as a model directory, atomically.
+
+    ``meta`` must hold every key in :data:`REQUIRED_META_KEYS`. Returns the directory.
+    """
+    directory = Path(directory)
+    _write_directory(directory, {MODEL_FILE: _weights_bytes(method), META_FILE: _meta_bytes(meta)})
+    return directory
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    method: torch.nn.Module,
+    meta: dict,
+    state: dict[str, Any],
+    *,
+    keep: int,
+) -> Path:
+    """Write ``checkpoints/epoch-NNNN`` (NNNN = ``meta["epoch"]``), move ``latest``, prune.
+
+    ``state`` is the training state (optimizer state dict, counters, RNG states); it must hold
+    only tensors, dicts, lists, tuples, numbers, strings, bools and None. The newest ``keep``
+    checkpoints are kept.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 so the newest checkpoint survives; got {keep}")
+    root = Path(run_dir) / "checkpoints"
+    name = f"{CHECKPOINT_PREFIX}{int(meta['epoch']):04d}"
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _write_directory(
+        root / name,
+        {MODEL_FILE: _weights_bytes(method), META_FILE: _meta_bytes(meta), STATE_FILE: buffer.getvalue()},
+    )
+    atomic_write_bytes(root / LATEST_FILE, f"{name}\n".encode())
+    _prune(root, keep=keep, protect=name)
+    return root / name
+
+
+def _is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in (MODEL_FILE, META_FILE, STATE_FILE))
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        path
+        for path in root.iterdir()
+        if path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted((path for path in found if _is_complete(path)), key=lambda p: p.name)
+
+
+def _prune(root: Path, *, keep: int, protect: str) -> None:
+    for path in _checkpoint_dirs(root)[:-keep]:
+        if path.name != protect:
+            shutil.rmtree(path)
+    # Leftovers of writers that were killed mid-write: never renamed, so never loadable.
+    for path in root.iterdir():
+        if path.name.startswith(f".{CHECKPOINT_PREFIX}") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of ``run_dir`` (by the ``latest`` pointer), or None."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if _is_complete(candidate):
+            return candidate
+    complete = _checkpoint_dirs(root)
+    return complete[-1] if complete else None
+
+
+def load_training_state(checkpoint_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights on the CPU, meta, training state) of one checkpoint directory."""
+    from safetensors.torch import load_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not _is_complete(checkpoint_dir):
+        raise UserError(
+            f"{checkpoint_dir} is not a complete checkpoint: it needs {MODEL_FILE}, {META_FILE} "
+            f"and {STATE_FILE}."
+        )
+    weights = load_file(checkpoint_dir / MODEL_FILE, device="cpu")
+    meta = json.loads((checkpoint_dir / META_FILE).read_text())
+    state = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    return weights, meta, state
+
+
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """The ``model.safetensors`` that ``path`` names.
+
+    ``path`` may be a run directory (its final ``model/``, else its latest checkpoint), a model
+    or checkpoint directory, or a ``.safetensors`` file with a ``meta.json`` beside it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist. Pass a run directory, a model directory or a .safetensors file.")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise UserError(
+                f"{path} is not a .safetensors file. Pass a run directory, a model directory "
+                f"or a model.safetensors file with its meta.json beside it."
+            )
+        candidate = path
+    elif (path / MODEL_FILE).is_file():
+        candidate = path / MODEL_FILE
+    elif (path / "model" / MODEL_FILE).is_file():
+        candidate = path / "model" / MODEL_FILE
+    else:
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise UserError(
+                f"{path} holds no sslens model: expected {MODEL_FILE}, model/{MODEL_FILE} or a "
+                f"checkpoint under checkpoints/. Train one with `sslens train --out {path}`."
+            )
+        candidate = checkpoint / MODEL_FILE
+    if not (candidate.parent / META_FILE).is_file():
+        raise UserError(
+            f"{candidate} has no {META_FILE} beside it, so sslens cannot tell which method and "
+            f"backbone to rebuild. Keep the two files together."
+        )
+    return candidate
+
+
+def build_method(meta: dict) -> torch.nn.Module:
+    """An untrained method with the architecture ``meta`` describes (names and options)."""
+    from sslens.methods import create_method
+    from sslens.models import create_backbone
+
+    missing = [key for key in ("method", "method_options", "backbone", "backbone_options") if key not in meta]
+    if missing:
+        raise UserError(f"The model meta lacks {', '.join(missing)}; it was not written by sslens.")
+    backbone = create_backbone(meta["backbone"], **meta["backbone_options"])
+    return create_method(meta["method"], backbone, **meta["method_options"])
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained method from disk: ``(method in eval mode on device, meta)``.
+
+    ``path`` is a run directory (its final model, or its latest checkpoint while training has
+    not finished), a model or checkpoint directory, or a ``.safetensors`` file beside its
+    ``meta.json``.
+
+    >>> method, meta = load_model("runs/simclr-synthetic")  # doctest: +SKIP
+    >>> method.embed(images).shape  # (B, feature_dim)  # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    model_file = resolve_model_file(path)
+    meta = json.loads((model_file.parent / META_FILE).read_text())
+    method = build_method(meta)
+    weights = load_file(model_file, device="cpu")
+    try:
+        method.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise UserError(
+            f"The weights in {model_file} do not fit a {meta['method']} method on a "
+            f"{meta['backbone']} backbone ({error}). The file may come from another sslens version "
+            f"or its meta.json may belong to another model."
+        ) from error
+    return method.to(device).eval(), meta

@@ -1,0 +1,77 @@
+"""The command line: fast help, user errors as exit status 2, train + evaluate end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sslens.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sslens", *args], capture_output=True, text=True, timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": ":".join(sys.path)},
+    )
+
+
+def call(*args: str) -> int:
+    """Run ``main`` in this process and return its exit status."""
+    with pytest.raises(SystemExit) as caught:
+        main(list(args))
+    return caught.value.code
+
+
+def test_importing_the_cli_does_not_import_heavy_libraries():
+    code = (
+        "import sys, sslens.cli; "
+        "print(sorted(m for m in ('torch', 'torchvision', 'matplotlib', 'sklearn') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "train" in result.stdout and "evaluate" in result.stdout
+
+
+def test_unknown_set_key_exits_2_with_the_valid_keys(capsys):
+    assert call("train", "--set", "nonsense=1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sslens: error: Unknown config key 'nonsense'")
+    assert "Valid keys: method, backbone" in err and "Traceback" not in err
+    assert err.count("\n") == 1  # one paragraph
+
+
+def test_evaluate_of_a_missing_run_exits_2(tmp_path, capsys):
+    assert call("evaluate", str(tmp_path / "nowhere"), "--device", "cpu") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_writes_evaluation_json(tmp_path, capsys):
+    run = tmp_path / "run"
+    status = call(
+        "train", "--method", "simclr", "--backbone", "resnet-tiny", "--data", "synthetic",
+        "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--out", str(run),
+        "--set", "data_options.num_images=128", "--set", "knn_every=0", "--set", "progress=false",
+        "--set", "method_options.temperature=0.2",
+    )
+    assert status == 0
+    assert json.loads((run / "model" / "meta.json").read_text())["method_options"]["temperature"] == 0.2
+    assert call("evaluate", str(run), "--k", "20", "--device", "cpu", "--json", str(tmp_path / "copy.json")) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1" in out and "linear top-1" in out and "k=20" in out
+    result = json.loads((run / "evaluation.json").read_text())
+    assert 0.0 <= result["knn_top1"] <= 1.0 and 0.0 <= result["linear_top1"] <= 1.0
+    assert result["details"]["k"] == 20 and result["details"]["num_train"] == 128
+    assert json.loads((tmp_path / "copy.json").read_text()) == result
+    # A second `train` into the same directory is refused, with the fix, as exit status 2.
+    assert call("train", "--method", "simclr", "--out", str(run), "--device", "cpu") == 2
+    assert "--resume" in capsys.readouterr().err
