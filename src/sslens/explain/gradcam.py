@@ -21,6 +21,12 @@ supplies the similarity target and works around three of its habits:
 * its ``__exit__`` swallows ``IndexError``; sslens never uses it as a context manager and
   releases its hooks in ``finally``.
 
+Vision Transformers: a block outputs tokens (B, N, C), not a (B, C, h, w) map. For a backbone
+that provides ``cam_reshape(layer)`` (:class:`~sslens.models.timm_backbone.TimmBackbone`) the
+class/register tokens are dropped and the patch tokens laid out as their (h, w) grid before
+α_k and Σ_k α_k A^k are computed (pytorch-grad-cam's ``reshape_transform``); see docs/MODELS.md
+for which CAM methods suit ViTs.
+
 >>> from sslens.models import create_backbone
 >>> cam = SimilarityCAM(create_backbone("resnet-tiny"), cam="gradcam")
 >>> x = torch.randn(2, 3, 32, 32)
@@ -135,6 +141,20 @@ def resolve_layer(encoder: nn.Module, layer: str | None) -> tuple[str, nn.Module
     )
 
 
+def cam_reshape(encoder: nn.Module, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The ``reshape_transform`` that turns layer ``layer``'s output into (B, C, h, w), or None.
+
+    A backbone whose layers output tokens (a ViT's (B, N, C)) provides it as
+    ``backbone.cam_reshape(layer)`` (see :class:`sslens.models.timm_backbone.TimmBackbone`); the
+    convolutional backbones need none. pytorch-grad-cam applies it to activations and gradients.
+    """
+    backbone = next((m for m in encoder.modules() if isinstance(m, Backbone)), None)
+    reshape = getattr(backbone, "cam_reshape", None)
+    if reshape is None or layer not in backbone.layer_names:
+        return None
+    return reshape(layer)
+
+
 class _NoZeroGrad(nn.Module):
     """What pytorch-grad-cam sees of the encoder.
 
@@ -189,8 +209,9 @@ class SimilarityCAM(Explainer):
         encoder: images (B, 3, H, W) → embeddings (B, D).
         cam: a key of :data:`CAM_METHODS` ("gradcam", "gradcam++", "xgradcam", "layercam",
             "eigencam", "scorecam", "hirescam").
-        layer: the convolutional layer whose activations A are weighted (see
-            :func:`resolve_layer`); default the backbone's last stage.
+        layer: the layer whose activations A are weighted (see :func:`resolve_layer`); default
+            the backbone's default layer (last stage; for a class-token ViT the last block's
+            ``norm1``). Token layers are reshaped to a grid by :func:`cam_reshape`.
         symmetric: also explain the reference images (only with image references). The gradient
             of s = cos(f(x), f(r)) flows through both embeddings; each image's map pairs its own
             activations with its own gradient ∂s/∂A. This equals explaining x against the fixed
@@ -236,6 +257,7 @@ class SimilarityCAM(Explainer):
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
         self.cam = cam
         self.layer, self.target_layer = resolve_layer(encoder, layer)
+        self.reshape_transform = cam_reshape(encoder, self.layer)
         self.symmetric = bool(symmetric)
         self.augment = augment if augment is not None else flip_and_crop
         self.seed = seed
@@ -247,7 +269,9 @@ class SimilarityCAM(Explainer):
 
     def _maps(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         """Raw maps (B, H, W) of ``images`` against fixed reference embeddings (B, D)."""
-        cam = _raw_cam_class(CAM_METHODS[self.cam])(_NoZeroGrad(self.encoder), [self.target_layer])
+        cam = _raw_cam_class(CAM_METHODS[self.cam])(
+            _NoZeroGrad(self.encoder), [self.target_layer], reshape_transform=self.reshape_transform
+        )
         try:
             # Gradients flow to the input only: with every parameter frozen the layer's output
             # still requires grad, and the caller's parameter .grad stays untouched.

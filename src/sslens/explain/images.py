@@ -101,30 +101,54 @@ def load_rgb(path: str | Path) -> tuple[Image.Image, dict]:
     return rgb, record
 
 
+#: Interpolation name (as timm's ``pretrained_cfg["interpolation"]`` and model meta spell it) →
+#: PIL resampling filter.
+INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
 def preprocess(
-    image: Image.Image, size: Sequence[int], mean: Sequence[float], std: Sequence[float]
+    image: Image.Image,
+    size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
 ) -> tuple[torch.Tensor, dict]:
     """RGB image → normalised (3, H, W) float32 at ``size`` = (H, W): resize, centre crop, normalise.
 
-    The image is resized (bicubic, antialiased) by the one factor that makes it cover (H, W) —
-    the shorter side relative to the target fits exactly — then centre-cropped, so nothing is
-    stretched. Returns the tensor and a record of the steps (crop box is top, left, bottom,
-    right in the resized image).
+    The image is resized (antialiased, ``interpolation``) by the one factor that makes it cover
+    (H / crop_pct, W / crop_pct) — the shorter side relative to the target fits exactly — then
+    the centre (H, W) is cropped, so nothing is stretched. ``crop_pct=1`` crops nothing more
+    than the aspect ratio needs; ImageNet evaluation uses 0.875 (shorter side 256 → centre 224,
+    as torchvision's reference scripts), timm models their ``pretrained_cfg["crop_pct"]``.
+    Returns the tensor and a record of the steps (crop box is top, left, bottom, right in the
+    resized image).
     """
     height, width = int(size[0]), int(size[1])
     if image.mode != "RGB":
         raise ValueError(f"preprocess needs an RGB image; got mode {image.mode}. Use load_rgb first.")
-    scale = max(height / image.height, width / image.width)
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, int | float) or not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1] (0.875 = resize 256, crop 224); got {crop_pct!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interpolation!r}")
+    scale = max(height / crop_pct / image.height, width / crop_pct / image.width)
     new_h = max(height, round(image.height * scale))
     new_w = max(width, round(image.width * scale))
-    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    resized = image.resize((new_w, new_h), INTERPOLATIONS[interpolation])
     top, left = (new_h - height) // 2, (new_w - width) // 2
     cropped = resized.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.array(cropped, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
     tensor = normalize(pixels[None], mean, std)[0]
     record = {
         "resized_to": [new_h, new_w],
-        "resample": "bicubic",
+        "resample": interpolation,
+        "crop_pct": float(crop_pct),
         "crop_box": [top, left, top + height, left + width],
         "input_size": [height, width],
         "mean": [float(m) for m in mean],
@@ -134,9 +158,15 @@ def preprocess(
 
 
 def load_image_tensor(
-    path: str | Path, size: Sequence[int], mean: Sequence[float], std: Sequence[float]
+    path: str | Path,
+    size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
 ) -> tuple[torch.Tensor, dict]:
     """:func:`load_rgb` then :func:`preprocess`: (normalised (3, H, W), record of every step)."""
     image, record = load_rgb(path)
-    tensor, steps = preprocess(image, size, mean, std)
+    tensor, steps = preprocess(image, size, mean, std, crop_pct=crop_pct, interpolation=interpolation)
     return tensor, {**record, **steps}
