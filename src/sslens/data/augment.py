@@ -792,6 +792,7 @@ def swav_views(
     local_scale: tuple[float, float] = (0.05, 0.14),
     flip_p: float = 0.5,
     jitter_strength: float = 1.0,
+    hue: float | None = None,
     jitter_p: float = 0.8,
     grayscale_p: float = 0.2,
     blur_p: float | None = None,
@@ -808,6 +809,8 @@ def swav_views(
 
     ``blur_p=None`` follows :func:`default_blur_p` of ``image_size`` for all crops, where
     lightly always uses 0.5: small local crops of small images are blurred enough already.
+    ``hue=None`` keeps 0.2 x ``jitter_strength``; set it alone where hue carries the class
+    (the synthetic shapes world).
     """
     if num_local < 0:
         raise ValueError(f"num_local must be 0 or more; got {num_local}")
@@ -825,7 +828,7 @@ def swav_views(
             brightness=0.8 * jitter_strength,
             contrast=0.8 * jitter_strength,
             saturation=0.8 * jitter_strength,
-            hue=min(0.5, 0.2 * jitter_strength),
+            hue=min(0.5, 0.2 * jitter_strength) if hue is None else hue,
             jitter_p=jitter_p,
             grayscale_p=grayscale_p,
             blur_p=blur_p,
