@@ -101,7 +101,7 @@ def evaluate_command(
     The run's training split is the kNN memory bank and the probe's training set; its test split
     is held out for the scores.
     """
-    from sslens.evaluate import evaluate_encoder, format_results_table
+    from sslens.evaluate import FeatureCache, evaluate_encoder, format_results_table
     from sslens.train.checkpoint import atomic_write_bytes, load_model
     from sslens.train.config import TrainConfig
     from sslens.train.loop import load_split, resolve_device
@@ -116,9 +116,11 @@ def evaluate_command(
     config = TrainConfig(**{**meta["config"], "device": str(torch_device)})
     train_data = load_split(config, "train", torch_device)
     test_data = load_split(config, "test", torch_device)
+    # Features are keyed by the weights and the data, so a re-evaluation (another k, say) reuses them.
+    cache_root = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     result = evaluate_encoder(
         method.encoder("pooled"), train_data, test_data, k=k, temperature=temperature, linear=linear,
-        device=torch_device, seed=config.seed,
+        device=torch_device, seed=config.seed, cache=FeatureCache(cache_root / "features"),
     )
     details = result["details"]
     result["model"] = {key: meta[key] for key in ("method", "backbone", "epoch", "step")}
@@ -133,6 +135,116 @@ def evaluate_command(
     for destination in destinations:
         atomic_write_bytes(destination, text)
         typer.echo(f"wrote {destination}")
+
+
+@app.command("explain")
+def explain_command(
+    model: Annotated[str | None, typer.Argument(
+        help="Run directory, model directory or checkpoint written by sslens (omit with --weights).",
+    )] = None,
+    image: Annotated[list[str], typer.Option(
+        "--image", "-i", help="Image file or folder of images (repeatable).",
+    )] = ...,
+    method: Annotated[str, typer.Option(
+        help="relax, perceptual, gradcam, or another CAM: gradcam++, xgradcam, layercam, eigencam, scorecam, hirescam.",
+    )] = "relax",
+    out: Annotated[Path, typer.Option(help="Folder for the .npz maps and .png figures.")] = Path("explanations"),
+    reference: Annotated[str | None, typer.Option(
+        help="Grad-CAM reference: an image, a folder (its mean embedding) or 'augmented' (a seeded view of the image itself).",
+    )] = None,
+    layer: Annotated[str | None, typer.Option(help="Grad-CAM layer name (default: the last convolutional stage).")] = None,
+    components: Annotated[str | None, typer.Option(
+        help="Perceptual components, comma-separated: color,shape,texture,brightness,sharpness,depth,lowpass,highpass.",
+    )] = None,
+    weights: Annotated[str | None, typer.Option(help="A local torchvision ResNet state dict to explain instead of an sslens model.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture of --weights, e.g. resnet50.")] = None,
+    output: Annotated[str, typer.Option(help="Embedding to explain: pooled, projection (or prototypes for imported SwAV).")] = "pooled",
+    num_masks: Annotated[int | None, typer.Option(help="Masks for relax/perceptual (default 3000).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the masks and augmentations.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Explain what a model's representation looks at; writes raw maps (.npz) and overlays (.png)."""
+    from sslens.explain.run import explain_images
+
+    explain_images(
+        model, image, method=method, out_dir=out, reference=reference, layer=layer,
+        components=components.split(",") if components else None, weights=weights, arch=arch,
+        output=output, num_masks=num_masks, seed=seed, device=device,
+    )
+
+
+@app.command("import")
+def import_command(
+    checkpoint: Annotated[str, typer.Argument(help="The published checkpoint file (or a name with --download).")],
+    format: Annotated[str, typer.Option(help="Source layout: moco, swav, simclr, torchvision or timm.")],
+    out: Annotated[Path, typer.Option(help="The sslens model directory to write.")],
+    arch: Annotated[str, typer.Option(help="ResNet architecture of the checkpoint (resnet18, resnet34, resnet50).")] = "resnet50",
+    timm_name: Annotated[str | None, typer.Option(help="timm model name, for --format timm.")] = None,
+    download: Annotated[bool, typer.Option(help="Fetch the checkpoint from the authors' URL (needs internet).")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where --download stores files.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory at --out.")] = False,
+) -> None:
+    """Import a published self-supervised checkpoint into an sslens model directory (safetensors)."""
+    from sslens.models.imports import import_checkpoint, import_summary
+
+    out_dir = import_checkpoint(
+        checkpoint, format, out, arch=arch, timm_name=timm_name, download=download,
+        cache_dir=cache_dir, overwrite=overwrite,
+    )
+    typer.echo(import_summary(out_dir))
+
+
+def _run_study_command(config, out: Path, progress: bool | None) -> None:
+    from sslens.study import format_tradeoff, run_study
+
+    outcome = run_study(config, out, progress="auto" if progress is None else progress)
+    typer.echo(format_tradeoff(outcome.tradeoff))
+    typer.echo(f"Report: {outcome.report} (numbers in {outcome.results}; {outcome.seconds:.0f} s)")
+
+
+@app.command("study")
+def study_command(
+    config: Annotated[Path, typer.Option(
+        "--config", "-c", help="Study YAML file, or a packaged one (study-demo, study-cifar10).",
+    )],
+    out: Annotated[Path, typer.Option(help="Output folder: models/, cache/, figures/, results.json, report.html.")],
+    data_dir: Annotated[str | None, typer.Option(help="Dataset folder (sets dataset.data_dir).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (overrides the file).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of samples, masks, t-SNE and probes (overrides the file).")] = None,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="Rich progress bar (default: only on a terminal).", show_default=False,
+    )] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="Set any study key (repeatable; dotted keys reach into sections).",
+    )] = None,
+) -> None:
+    """Train (or load) several models, run every experiment and write one report of the trade-off.
+
+    Finished models and finished stages in --out are reused; the report is replaced only when
+    the whole study has succeeded.
+    """
+    from sslens.study.config import load_study_config, parse_overrides
+
+    flags = {"dataset.data_dir": data_dir, "device": device, "seed": seed}
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    overrides.update(parse_overrides(set_ or []))
+    _run_study_command(load_study_config(config, overrides), out, progress)
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option(help="Output folder of the demo study.")] = Path("sslens-demo"),
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="Rich progress bar (default: only on a terminal).", show_default=False,
+    )] = None,
+) -> None:
+    """The packaged CPU demo: SimCLR, MoCo v2 and SwAV on the synthetic shapes world, under 5 minutes.
+
+    The same as `sslens study --config study-demo`; ends with the trade-off table and the report path.
+    """
+    from sslens.study.config import load_study_config
+
+    _run_study_command(load_study_config("study-demo"), out, progress)
 
 
 def main(argv: list[str] | None = None) -> None:

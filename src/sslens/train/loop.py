@@ -395,15 +395,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                     lr = lr_at(step, total_steps, warmup_steps, config.lr, config.min_lr)
                     set_lr(optimizer, lr)
                     views = recipe(images, generator)
-                    if on_cuda:
-                        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                    with autocast:
-                        output = method.training_step(views)
-                    optimizer.zero_grad(set_to_none=True)
-                    output.loss.backward()
-                    method.on_before_optimizer_step(step)
-                    optimizer.step()
-                    method.on_after_optimizer_step(step, total_steps)
+                    output = train_step(method, optimizer, views, step, total_steps, autocast=autocast)
                     step += 1
                     epoch_meter.add(output.loss, output.metrics, len(images))
                     window.add(output.loss, output.metrics, len(images))
@@ -447,3 +439,30 @@ def _check_finite(record: dict[str, Any]) -> None:
             f"training diverged. Lower --lr (now {record['lr']:.4g}) or lengthen warm-up "
             f"(--set warmup_epochs=...)."
         )
+
+
+def train_step(
+    method: Any,
+    optimizer: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    step: int,
+    total_steps: int,
+    *,
+    autocast: contextlib.AbstractContextManager,
+) -> Any:
+    """One optimiser step of ``method`` on ``views`` (the whole loop body but data and logging).
+
+    On CUDA the views go channels_last to match the model; ``autocast`` is bf16 there and a
+    no-op on the CPU. Shared with ``benchmarks/train_throughput.py`` so the benchmark times
+    exactly what training runs.
+    """
+    if views[0].is_cuda:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    with autocast:
+        output = method.training_step(views)
+    optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    method.on_before_optimizer_step(step)
+    optimizer.step()
+    method.on_after_optimizer_step(step, total_steps)
+    return output
