@@ -95,14 +95,21 @@ def bench_size(size: int, args: argparse.Namespace, device: torch.device) -> dic
     n = args.images
     bs = args.batch_size
 
+    ours_bs = args.ours_batch_size or bs
     t_ref, _ = timed(lambda: run_relax_xai(encoder, images, args.num_masks, bs), device, args.repeats)
-    full = RELAX(encoder, num_masks=args.num_masks, batch_size=bs, round_size=args.round_size)
+    full = RELAX(encoder, num_masks=args.num_masks, batch_size=ours_bs, round_size=args.round_size)
     t_ours, ours = timed(lambda: full(images), device, args.repeats)
     adaptive = RELAX(
-        encoder, num_masks=args.num_masks, batch_size=bs, adaptive=True, tolerance=args.tolerance,
+        encoder, num_masks=args.num_masks, batch_size=ours_bs, adaptive=True, tolerance=args.tolerance,
         round_size=args.round_size, min_masks=args.min_masks,
     )
     t_adaptive, fast = timed(lambda: adaptive(images), device, args.repeats)
+    # bf16 on every device (on CUDA that is the default above): its speed, and how far rounding
+    # moves the map from the fp32 one.
+    fp32 = RELAX(encoder, num_masks=args.num_masks, batch_size=ours_bs, round_size=args.round_size, amp=False)
+    t_fp32, exact = timed(lambda: fp32(images), device, 1)
+    bf16 = RELAX(encoder, num_masks=args.num_masks, batch_size=ours_bs, round_size=args.round_size, amp=True)
+    t_bf16, rounded = timed(lambda: bf16(images), device, args.repeats)
     return {
         "size": size,
         "model": name,
@@ -114,6 +121,11 @@ def bench_size(size: int, args: argparse.Namespace, device: torch.device) -> dic
         "adaptive_s_per_image": t_adaptive / n,
         "adaptive_masks_used": fast.info["num_masks_used"],
         "adaptive_pearson_vs_full": pearson(fast.importance, ours.importance),
+        "sslens_fp32_s_per_image": t_fp32 / n,
+        "sslens_bf16_s_per_image": t_bf16 / n,
+        "bf16_speedup_vs_relax_xai": t_ref / t_bf16,
+        "bf16_pearson_vs_fp32": pearson(rounded.importance, exact.importance),
+        "sslens_batch_size": ours_bs,
     }
 
 
@@ -124,6 +136,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="32,224", help="comma-separated: 32 (ResNet-18 CIFAR), 224 (ResNet-50)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=100, help="forward batch for both (relax-xai default 100)")
+    parser.add_argument("--ours-batch-size", type=int, default=None,
+                        help="sslens forward batch (default: --batch-size; sslens packs several images per batch)")
     parser.add_argument("--tolerance", type=float, default=0.5, help="adaptive stopping tolerance (stderr rule)")
     parser.add_argument("--round-size", type=int, default=250)
     parser.add_argument("--min-masks", type=int, default=500)
@@ -146,6 +160,12 @@ def main() -> None:
             f"{r['model']:<16}{r['size']:>5}{r['num_masks']:>7}{r['relax_xai_s_per_image']:>17.3f}"
             f"{r['sslens_s_per_image']:>14.3f}{r['speedup']:>8.2f}x{r['adaptive_s_per_image']:>16.3f}"
             f"{'/'.join(map(str, r['adaptive_masks_used'])):>14}{min(r['adaptive_pearson_vs_full']):>9.4f}"
+        )
+    for r in rows:
+        print(
+            f"{r['model']:<16} bf16 autocast: {r['sslens_bf16_s_per_image']:.3f} s/img "
+            f"({r['bf16_speedup_vs_relax_xai']:.2f}x relax-xai), fp32 {r['sslens_fp32_s_per_image']:.3f} s/img, "
+            f"Pearson bf16 vs fp32 map {min(r['bf16_pearson_vs_fp32']):.4f}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -160,7 +160,7 @@ def main() -> None:
         ]
         fixed = recipe(gpu_data.images[: args.batch_size], generator)
         results[f"c_sslens_model_only{suffix}"] = [
-            time_steps(lambda: fixed, method, optimizer, device, warmup=args.warmup, steps=args.steps, autocast=bf16)
+            time_steps(lambda fixed=fixed: fixed, method, optimizer, device, warmup=args.warmup, steps=args.steps, autocast=bf16)
             for _ in range(args.repeats)
         ]
 

@@ -19,9 +19,9 @@ from sslens.train.checkpoint import load_model
 pytestmark = pytest.mark.slow
 
 CHANCE = 1 / 8
-# Minimum gain over the same network at initialisation, per method. SwAV's clustering gains
-# least in ~100 steps; its margin is small but the run is seeded, so it is not noise.
-MARGIN = {"simclr": 0.08, "moco": 0.03, "swav": 0.01}
+# Minimum gain over the same network at initialisation, per method (measured gains: SimCLR
+# +0.15, MoCo +0.10, SwAV +0.08). A collapsed SwAV (uniform assignments) gains about nothing.
+MARGIN = {"simclr": 0.08, "moco": 0.04, "swav": 0.04}
 
 
 @pytest.fixture(scope="module")

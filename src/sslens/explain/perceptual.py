@@ -291,7 +291,8 @@ class PerceptualComponents(Explainer):
         sharpen_amount: weight of the Laplacian in ``X − amount · ∇²X`` (1 = classic 3 × 3 kernel).
         lowpass_sigma, highpass_sigma: Gaussian σ in px of the frequency split (default 2).
         round_size: masks drawn per round (bounds memory).
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast + channels_last for the encoder: None (default) on CUDA only, True
+            on any device, False never.
 
     Call ``explainer(images, depth=None)`` with (B, 3, H, W) normalised images and optional
     (B, H, W) depth maps. Returns ``components = {name: (B, H, W)}``, ``importance`` = their mean.
@@ -318,7 +319,7 @@ class PerceptualComponents(Explainer):
         lowpass_sigma: float = 2.0,
         highpass_sigma: float = 2.0,
         round_size: int = 250,
-        amp: bool = True,
+        amp: bool | None = None,
     ):
         super().__init__(encoder)
         if isinstance(components, str):
@@ -355,7 +356,7 @@ class PerceptualComponents(Explainer):
             raise ValueError(f"texture_kernel must be a positive odd integer; got {texture_kernel!r}")
         if brightness_decrement < 0 or sharpen_amount < 0:
             raise ValueError("brightness_decrement and sharpen_amount must be ≥ 0 (0 makes the component a no-op)")
-        self.amp = bool(amp)
+        self.amp = None if amp is None else bool(amp)
 
     def _stats(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device)[:, None, None]

@@ -235,11 +235,18 @@ def _unknown_key_error(key: str, where: str) -> UserError:
 
 
 def packaged_configs() -> list[str]:
-    """Names of the example configs shipped with sslens (``sslens/configs/*.yaml``)."""
+    """Names of the example training configs shipped with sslens (``sslens/configs/*.yaml``).
+
+    ``study-*.yaml`` files are study configs (:mod:`sslens.study`), not training configs.
+    """
     folder = resources.files("sslens") / "configs"
     if not folder.is_dir():
         return []
-    return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+    return sorted(
+        entry.name[: -len(".yaml")]
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml") and not entry.name.startswith("study-")
+    )
 
 
 def resolve_config_path(path_or_name: str | Path) -> Path:
@@ -247,8 +254,9 @@ def resolve_config_path(path_or_name: str | Path) -> Path:
     path = Path(path_or_name)
     if path.is_file():
         return path
-    if str(path_or_name) in packaged_configs():
-        return Path(str(resources.files("sslens") / "configs" / f"{path_or_name}.yaml"))
+    packaged = resources.files("sslens") / "configs" / f"{path_or_name}.yaml"
+    if "/" not in str(path_or_name) and packaged.is_file():
+        return Path(str(packaged))
     raise UserError(
         f"Config file {str(path_or_name)!r} does not exist. Pass a YAML file path or one of the "
         f"packaged configs: {', '.join(packaged_configs()) or '(none)'}."

@@ -1,0 +1,311 @@
+"""The study configuration: which dataset, which models, which explainers and experiments.
+
+A study file is YAML with these top-level keys (all optional except ``models``)::
+
+    title: "My study"             # report heading
+    seed: 0                       # seeds training defaults, sample choice, masks, t-SNE, probes
+    device: auto                  # auto, cpu, cuda, cuda:N, mps
+    dataset:                      # one dataset for every model (trained and evaluated on it)
+      name: synthetic             # synthetic, cifar10, imagefolder
+      data_dir: null              # folder of cifar10 / imagefolder
+      image_size: 32
+      options: {}                 # load_dataset options for both splits
+      train_options: {}           # ... only for the training split (e.g. num_images)
+      test_options: {}            # ... only for the held-out split
+    models:                       # each: a name plus TrainConfig keys, or a checkpoint
+      - {name: simclr, method: simclr, backbone: resnet-tiny, epochs: 8}
+      - {name: imported, checkpoint: path/to/model-dir}
+    explainers:                   # constructor options per explainer (see sslens.study.explainers)
+      relax: {num_masks: 500}
+    experiments: [quality, tsne]  # default: every experiment
+    samples: {invariance: 8}      # images per experiment
+    settings: {faithfulness: {steps: 16}}   # per-experiment options
+
+Every key is checked before any data is loaded; an unknown key raises a
+:class:`~sslens.errors.UserError` that lists the valid ones.
+
+>>> config = load_study_config(None, {"models": [{"name": "a", "method": "simclr"}]})
+>>> config.models[0].name, config.experiments[0]
+('a', 'quality')
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sslens.errors import UserError
+from sslens.train.config import (
+    DEVICE_PATTERN,
+    TrainConfig,
+    _check_type,
+    load_config,
+    parse_assignment,
+    read_yaml_mapping,
+)
+
+#: Dataset keys and the type each must have.
+DATASET_KEYS: dict[str, Any] = {
+    "name": str,
+    "data_dir": str | None,
+    "image_size": int,
+    "options": dict,
+    "train_options": dict,
+    "test_options": dict,
+}
+
+#: Training keys a model entry may not set: the study's dataset section owns them, and the
+#: study decides where models are written.
+STUDY_OWNED_TRAIN_KEYS = ("data", "data_dir", "data_options", "image_size", "out", "progress")
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def unknown_key_error(key: str, where: str, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return UserError(f"Unknown key {key!r} {where}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def check_keys(mapping: dict, valid: list[str], where: str) -> None:
+    """Raise a UserError naming the first key of ``mapping`` that is not in ``valid``."""
+    for key in mapping:
+        if key not in valid:
+            raise unknown_key_error(str(key), where, valid)
+
+
+@dataclass
+class ModelSpec:
+    """One model of the study: trained from ``train`` or loaded from ``checkpoint``."""
+
+    name: str
+    train: TrainConfig | None = None
+    checkpoint: str | None = None
+
+
+@dataclass
+class StudyConfig:
+    """A validated study; see the module docstring for the meaning of each key."""
+
+    models: list[ModelSpec]
+    title: str = "sslens study"
+    seed: int = 0
+    device: str = "auto"
+    dataset: dict = field(default_factory=dict)
+    explainers: dict = field(default_factory=dict)
+    experiments: list = field(default_factory=list)
+    samples: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    #: the mapping this config was built from (after overrides), recorded in the report.
+    source: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration: defaults filled in, as plain YAML/JSON values."""
+        return {
+            "title": self.title,
+            "seed": self.seed,
+            "device": self.device,
+            "dataset": self.dataset,
+            "models": [
+                {"name": m.name, "checkpoint": m.checkpoint} if m.checkpoint is not None
+                else {"name": m.name, **_train_entry(m.train)}
+                for m in self.models
+            ],
+            "explainers": self.explainers,
+            "experiments": list(self.experiments),
+            "samples": self.samples,
+            "settings": self.settings,
+        }
+
+
+def _train_entry(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in STUDY_OWNED_TRAIN_KEYS}
+
+
+TOP_LEVEL_KEYS = [f.name for f in dataclasses.fields(StudyConfig) if f.name != "source"]
+
+
+def _dataset(raw: Any) -> dict[str, Any]:
+    from sslens.data import DATASETS
+
+    raw = _check_type("dataset", {} if raw is None else raw, dict)
+    check_keys(raw, list(DATASET_KEYS), "in the dataset section")
+    dataset = {"name": "synthetic", "data_dir": None, "image_size": 32, "options": {},
+               "train_options": {}, "test_options": {}}
+    for key, value in raw.items():
+        dataset[key] = _check_type(f"dataset.{key}", value, DATASET_KEYS[key])
+    if dataset["name"] not in DATASETS:
+        raise UserError(f"Unknown dataset {dataset['name']!r}. Valid choices: {', '.join(DATASETS.names())}.")
+    return dataset
+
+
+def split_train_config(dataset: dict, split: str, device: str, seed: int) -> TrainConfig:
+    """A TrainConfig describing ``split`` of the study's dataset (what ``load_split`` reads)."""
+    return TrainConfig(
+        data=dataset["name"], data_dir=dataset["data_dir"], image_size=dataset["image_size"],
+        data_options={**dataset["options"], **dataset[f"{split}_options"]}, device=device, seed=seed,
+    )
+
+
+def _model(raw: Any, index: int, dataset: dict, seed: int, device: str) -> ModelSpec:
+    where = f"models[{index}]"
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise UserError(
+            f"{where} must be a mapping with a name, e.g. {{name: simclr, method: simclr}} or "
+            f"{{name: mine, checkpoint: path/to/model}}; got {raw!r}."
+        )
+    name = _check_type(f"{where}.name", raw["name"], str)
+    if not MODEL_NAME.fullmatch(name):
+        raise UserError(
+            f"Model name {name!r} must start with a letter or digit and hold only letters, digits, "
+            f"'_', '.' and '-' (it names the folder out/models/<name>)."
+        )
+    if "checkpoint" in raw:
+        extra = sorted(set(raw) - {"name", "checkpoint"})
+        if extra:
+            raise UserError(
+                f"Model {name!r} loads a checkpoint, so it takes no training keys ({', '.join(extra)}); "
+                f"remove them or drop 'checkpoint' to train it."
+            )
+        return ModelSpec(name, checkpoint=_check_type(f"{where}.checkpoint", raw["checkpoint"], str))
+    options = {k: v for k, v in raw.items() if k != "name"}
+    owned = [k for k in options if k in STUDY_OWNED_TRAIN_KEYS]
+    if owned:
+        raise UserError(
+            f"Model {name!r} sets {', '.join(owned)}, which the study decides: the dataset section "
+            f"({', '.join(DATASET_KEYS)}) applies to every model, and models go to OUT/models/<name>."
+        )
+    base = split_train_config(dataset, "train", device, seed).to_dict()
+    overrides = {k: base[k] for k in ("data", "data_dir", "data_options", "image_size", "device", "seed")}
+    overrides["knn_every"] = 0  # the study evaluates every model itself, after training
+    overrides.update(options)
+    try:
+        train = load_config(None, overrides)
+    except UserError as error:
+        raise UserError(f"Model {name!r}: {error}") from error
+    return ModelSpec(name, train=train)
+
+
+def _named_mapping(raw: Any, key: str, valid: list[str]) -> dict:
+    raw = _check_type(key, {} if raw is None else raw, dict)
+    check_keys(raw, valid, f"under {key}")
+    return raw
+
+
+def _explainers(raw: Any) -> dict[str, dict]:
+    from sslens.study.explainers import EXPLAINER_SPECS
+
+    raw = _named_mapping(raw, "explainers", EXPLAINER_SPECS.names())
+    resolved = {}
+    for name in EXPLAINER_SPECS.names():
+        options = _check_type(f"explainers.{name}", raw.get(name) or {}, dict)
+        EXPLAINER_SPECS.get(name).check(name, options)
+        resolved[name] = dict(options)
+    return resolved
+
+
+def _experiments(raw: Any, samples: Any, settings: Any) -> tuple[list[str], dict, dict]:
+    from sslens.study.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
+
+    names = list(DEFAULT_EXPERIMENTS) if raw is None else _check_type("experiments", raw, list)
+    for name in names:
+        if name not in EXPERIMENTS:
+            raise unknown_key_error(str(name), "in experiments", list(DEFAULT_EXPERIMENTS))
+    if len(set(names)) != len(names):
+        raise UserError(f"experiments lists an experiment twice: {names}.")
+    sampled = [n for n in DEFAULT_EXPERIMENTS if EXPERIMENTS.get(n).samples is not None]
+    samples = _named_mapping(samples, "samples", sampled)
+    settings = _named_mapping(settings, "settings", [n for n in DEFAULT_EXPERIMENTS if EXPERIMENTS.get(n).defaults])
+    resolved_samples, resolved_settings = {}, {}
+    for name in DEFAULT_EXPERIMENTS:
+        experiment = EXPERIMENTS.get(name)
+        if experiment.samples is not None:
+            count = _check_type(f"samples.{name}", samples.get(name, experiment.samples), int)
+            if count < experiment.min_samples:
+                raise UserError(f"samples.{name} must be at least {experiment.min_samples}; got {count}.")
+            resolved_samples[name] = count
+        if experiment.defaults:
+            given = _check_type(f"settings.{name}", settings.get(name) or {}, dict)
+            check_keys(given, list(experiment.defaults), f"under settings.{name}")
+            merged = copy.deepcopy(experiment.defaults)
+            for key, value in given.items():
+                merged[key] = _check_type(f"settings.{name}.{key}", value, type(experiment.defaults[key]))
+            _check_explainer_names(merged.get("explainers", []), f"settings.{name}.explainers")
+            resolved_settings[name] = merged
+    return names, resolved_samples, resolved_settings
+
+
+def _check_explainer_names(names: list, where: str) -> None:
+    from sslens.study.explainers import EXPLAINER_SPECS
+
+    for name in names:
+        if name not in EXPLAINER_SPECS:
+            raise unknown_key_error(str(name), f"in {where}", EXPLAINER_SPECS.names())
+
+
+def _apply_override(merged: dict, key: str, value: Any) -> None:
+    """``key`` may be dotted to reach into a section, e.g. ``dataset.data_dir``."""
+    head, _, rest = key.partition(".")
+    if head not in TOP_LEVEL_KEYS:
+        raise unknown_key_error(head, "in the overrides", TOP_LEVEL_KEYS)
+    if not rest:
+        merged[head] = value
+        return
+    node = merged.setdefault(head, {})
+    parts = rest.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+        raise UserError(f"Cannot set {key!r}: {head!r} does not hold a mapping.")
+    node[parts[-1]] = value
+
+
+def load_study_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read and validate a study from a YAML file (or packaged name, e.g. "study-demo").
+
+    ``overrides`` win over the file; dotted keys reach into sections
+    (``{"dataset.data_dir": "~/data/cifar10", "device": "cuda"}``).
+    """
+    merged: dict[str, Any] = copy.deepcopy(read_yaml_mapping(path)) if path is not None else {}
+    check_keys(merged, TOP_LEVEL_KEYS, f"in {path}")
+    for key, value in (overrides or {}).items():
+        _apply_override(merged, key, value)
+    seed = _check_type("seed", merged.get("seed", 0), int)
+    if seed < 0:
+        raise UserError(f"seed must be zero or positive; got {seed}.")
+    device = _check_type("device", merged.get("device", "auto"), str)
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise UserError(f"device must be auto, cpu, mps, cuda or cuda:N; got {device!r}.")
+    dataset = _dataset(merged.get("dataset"))
+    raw_models = _check_type("models", merged.get("models"), list) if merged.get("models") else []
+    if not raw_models:
+        raise UserError("The study needs at least one model under 'models' (a name plus training keys, or a checkpoint).")
+    models = [_model(raw, i, dataset, seed, device) for i, raw in enumerate(raw_models)]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise UserError(f"Model names must be unique; got {names}.")
+    experiments, samples, settings = _experiments(
+        merged.get("experiments"), merged.get("samples"), merged.get("settings")
+    )
+    return StudyConfig(
+        models=models,
+        title=_check_type("title", merged.get("title", "sslens study"), str),
+        seed=seed,
+        device=device,
+        dataset=dataset,
+        explainers=_explainers(merged.get("explainers")),
+        experiments=experiments,
+        samples=samples,
+        settings=settings,
+        source=merged,
+    )
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """``["seed=1", "dataset.data_dir=/data"]`` → ``{"seed": 1, "dataset.data_dir": "/data"}``."""
+    return dict(parse_assignment(text) for text in assignments)

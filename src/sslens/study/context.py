@@ -1,0 +1,81 @@
+"""What every experiment shares: the study config, the device, both splits and seeded samples."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sslens.data.base import normalize, to_float
+from sslens.study.config import StudyConfig
+from sslens.study.explainers import ExplainFn, build_explainer
+
+
+@dataclass
+class StudyContext:
+    """The study's shared state, handed to every experiment.
+
+    Attributes:
+        config: the validated study.
+        device: where models and images live.
+        train_data, test_data: the dataset's splits (test images are the ones explained).
+        models: the :class:`~sslens.study.models.StudyModel` of each model, by name.
+        outputs: ``outputs[experiment][model]`` — the StageResult of each finished stage, so
+            summary experiments (the trade-off table) can read the others.
+    """
+
+    config: StudyConfig
+    device: torch.device
+    train_data: Any
+    test_data: Any
+    models: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(self.test_data.mean)
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(self.test_data.std)
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A CPU generator seeded from the study seed and ``purpose`` (stable across runs)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(purpose.encode()))
+
+    def sample(self, purpose: str, count: int, *, with_masks: bool = False) -> torch.Tensor:
+        """``count`` test-image indices drawn for ``purpose``: the same images for every model.
+
+        ``with_masks`` keeps only images whose ground-truth object mask is non-empty.
+        """
+        candidates = torch.arange(len(self.test_data))
+        if with_masks:
+            candidates = candidates[self.test_data.masks.flatten(1).any(1).cpu()]
+        order = torch.randperm(len(candidates), generator=self.generator(purpose))
+        return candidates[order[:count]]
+
+    def images(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised float images of the test split, on the device."""
+        pixels = self.test_data.images[indices.to(self.test_data.images.device)
+                                       if torch.is_tensor(self.test_data.images) else indices]
+        return normalize(to_float(pixels.to(self.device)), self.mean, self.std)
+
+    def display(self, images: torch.Tensor) -> np.ndarray:
+        """Normalised (B, 3, H, W) → uint8 (B, H, W, 3) for figures."""
+        from sslens.explain.display import to_display_image
+
+        return to_display_image(images, self.mean, self.std)
+
+    def explain_fn(self, name: str, encoder: nn.Module) -> ExplainFn:
+        """``images -> maps`` of explainer ``name`` with the study's options and seed."""
+        return build_explainer(
+            name, encoder, self.config.explainers.get(name, {}), seed=self.seed, mean=self.mean, std=self.std
+        )

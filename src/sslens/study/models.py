@@ -1,0 +1,128 @@
+"""The study's models: trained into ``OUT/models/<name>/`` (reused when finished) or loaded.
+
+A trained model is reused only when its run directory holds a finished model *and* the same
+training config (ignoring ``out``, ``progress``, ``device`` and ``compile``, which do not change
+what is learned). When ``OUT/models/<name>/`` holds a run with another config, the model is
+trained into ``OUT/models/<name>-<config hash>/`` instead, so a finished run is never replaced
+silently; the next study with the original config finds it again. An interrupted run with the
+same config is resumed from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sslens.study.cache import digest, file_sha256
+from sslens.study.config import ModelSpec
+from sslens.train.checkpoint import latest_checkpoint, load_model, resolve_model_file
+from sslens.train.config import TrainConfig
+
+#: TrainConfig keys that do not change the learned weights' recipe.
+IGNORED_TRAIN_KEYS = ("out", "progress", "device", "compile")
+
+
+@dataclass
+class StudyModel:
+    """A model ready for the experiments."""
+
+    name: str
+    method: torch.nn.Module
+    meta: dict
+    model_file: Path
+    weights_sha256: str
+    training_seconds: float | None
+    source: str  # "trained", "reused" or "checkpoint"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.meta.get("method"),
+            "backbone": self.meta.get("backbone"),
+            "model_file": str(self.model_file),
+            "weights_sha256": self.weights_sha256,
+            "training_seconds": self.training_seconds,
+            "source": self.source,
+            "epoch": self.meta.get("epoch"),
+            "step": self.meta.get("step"),
+        }
+
+
+def recipe(config: TrainConfig | dict) -> dict:
+    values = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+    return {k: v for k, v in values.items() if k not in IGNORED_TRAIN_KEYS}
+
+
+def _stored_recipe(run_dir: Path) -> dict | None:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return recipe(yaml.safe_load(path.read_text()) or {})
+
+
+def run_directory(models_root: Path, spec: ModelSpec) -> Path:
+    """Where ``spec`` is (or will be) trained: ``<name>/`` unless that holds another recipe."""
+    wanted = recipe(spec.train)
+    primary = models_root / spec.name
+    stored = _stored_recipe(primary)
+    if not primary.exists() or stored == wanted or (stored is None and not any(primary.iterdir())):
+        return primary
+    return models_root / f"{spec.name}-{digest(wanted)[:8]}"
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "model" / "model.safetensors").is_file()
+
+
+def training_seconds(run_dir: Path) -> float | None:
+    """Sum of the epoch times in ``log.jsonl`` (a resumed run's epochs counted once each)."""
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return None
+    epochs = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("kind") == "epoch" and "epoch_time_s" in record:
+            epochs[record["epoch"]] = record["epoch_time_s"]
+    return float(sum(epochs.values())) if epochs else None
+
+
+def prepare_model(
+    spec: ModelSpec,
+    models_root: Path,
+    device: torch.device,
+    *,
+    train_fn: Callable[[TrainConfig, bool, bool], Path],
+    say: Callable[[str], None],
+) -> StudyModel:
+    """Train (or resume, or reuse) ``spec``, or load its checkpoint; then load it on ``device``.
+
+    ``train_fn(config, resume, overwrite)`` runs the training (the study pauses its progress
+    display around it); ``say`` reports what happened in one line.
+    """
+    if spec.checkpoint is not None:
+        model_file = resolve_model_file(spec.checkpoint)
+        method, meta = load_model(model_file, device=device)
+        return StudyModel(spec.name, method, meta, model_file, file_sha256(model_file), None, "checkpoint")
+    run_dir = run_directory(models_root, spec)
+    if run_dir.name != spec.name:
+        say(f"{models_root / spec.name} holds {spec.name} with another training config; training into {run_dir}")
+    source = "reused"
+    if not is_finished(run_dir):
+        config = dataclasses.replace(spec.train, out=str(run_dir))
+        resume = latest_checkpoint(run_dir) is not None
+        # Without a checkpoint the folder holds at most an unfinished first epoch of this recipe.
+        overwrite = not resume and run_dir.exists() and any(run_dir.iterdir())
+        train_fn(config, resume, overwrite)
+        source = "trained"
+    model_file = run_dir / "model" / "model.safetensors"
+    method, meta = load_model(run_dir / "model", device=device)
+    return StudyModel(
+        spec.name, method, meta, model_file, file_sha256(model_file), training_seconds(run_dir), source
+    )

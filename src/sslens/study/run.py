@@ -1,0 +1,168 @@
+"""Run a study end to end: data, models, every experiment per model (cached), then the report.
+
+Layout of the output folder::
+
+    OUT/models/<name>/     training runs (see :mod:`sslens.study.models`)
+    OUT/cache/<model>/     one stored result per experiment (see :mod:`sslens.study.cache`)
+    OUT/figures/*.png      every report figure
+    OUT/results.json       every number in the report, plus the config, seed and environment
+    OUT/report.html        the self-contained report
+
+Nothing the reader sees is touched until every stage has finished and every section has been
+drawn: the figures, then ``results.json``, then ``report.html`` are each written atomically at
+the very end. A study that fails midway therefore leaves the previous report byte-identical,
+while the stages it finished stay cached for the next run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from sslens.report import (
+    Section,
+    Table,
+    environment_info,
+    format_cell,
+    render_report,
+    write_json_atomic,
+)
+from sslens.report.html import plain
+from sslens.study.cache import CACHE_VERSION, StageCache, StageResult, digest
+from sslens.study.config import StudyConfig, split_train_config
+from sslens.study.context import StudyContext
+from sslens.study.experiments import EXPERIMENTS, stage_inputs
+from sslens.study.models import prepare_model
+from sslens.study.progress import StudyProgress
+from sslens.study.sections import TRADEOFF_COLUMNS, tradeoff_rows
+from sslens.train.checkpoint import atomic_write_bytes
+
+
+@dataclass
+class StudyOutcome:
+    """Where the study wrote its report and what its trade-off table says."""
+
+    report: Path
+    results: Path
+    tradeoff: list[dict[str, Any]]
+    seconds: float
+
+
+def _per_model(config: StudyConfig) -> list[str]:
+    return [name for name in config.experiments if EXPERIMENTS.get(name).run is not None]
+
+
+def run_study(
+    config: StudyConfig, out: str | Path, *, progress: bool | str = "auto", stream: TextIO | None = None
+) -> StudyOutcome:
+    """Run ``config`` into the folder ``out`` and return the outcome.
+
+    Args:
+        config: from :func:`~sslens.study.config.load_study_config`.
+        out: output folder (created if needed); re-running into it reuses finished models and
+            cached stages.
+        progress: a rich bar (True), plain lines (False) or a bar only on a terminal ("auto").
+        stream: where the progress display goes (stdout by default).
+    """
+    from sslens.train.loop import load_split, resolve_device, train
+
+    started = time.perf_counter()
+    out = Path(out)
+    device = resolve_device(config.device)
+    cache = StageCache(out / "cache")
+    total = 2 + len(config.models) + len(_per_model(config)) * len(config.models)
+    with StudyProgress(total, bar=progress, stream=stream) as display:
+        with display.stage("loading the dataset"):
+            splits = {
+                split: load_split(split_train_config(config.dataset, split, config.device, config.seed), split, device)
+                for split in ("train", "test")
+            }
+        ctx = StudyContext(config, device, splits["train"], splits["test"])
+
+        def train_fn(train_config, resume: bool, overwrite: bool) -> Path:
+            with display.paused():
+                return train(dataclasses.replace(train_config, progress=display.use_bar),
+                             resume=resume, overwrite=overwrite)
+
+        for spec in config.models:
+            with display.stage(f"model {spec.name}"):
+                ctx.models[spec.name] = prepare_model(
+                    spec, out / "models", device, train_fn=train_fn, say=display.message
+                )
+        for name in _per_model(config):
+            inputs = stage_inputs(ctx, name)
+            for model in ctx.models.values():
+                key = digest({**inputs, "weights": model.weights_sha256, "version": CACHE_VERSION})
+                result = cache.get(model.name, name, key)
+                with display.stage(f"{name} · {model.name}", cached=result is not None):
+                    if result is None:
+                        result = _run_stage(ctx, name, model)
+                        cache.put(model.name, name, key, result)
+                ctx.outputs.setdefault(name, {})[model.name] = result
+        with display.stage("writing the report"):
+            report, results = write_report(ctx, out)
+    return StudyOutcome(report, results, tradeoff_rows(ctx), time.perf_counter() - started)
+
+
+def _run_stage(ctx: StudyContext, name: str, model) -> StageResult:
+    experiment = EXPERIMENTS.get(name)
+    # Global RNG seeded per stage too, for any library code that draws from it.
+    torch.manual_seed(ctx.seed)
+    result = experiment.run(ctx, model, ctx.config.settings.get(name, {}), ctx.config.samples.get(name))
+    # NaN becomes None now, as it will be after a cache round trip: a cached rerun is identical.
+    return StageResult(plain(result.results), result.arrays)
+
+
+def write_report(ctx: StudyContext, out: Path) -> tuple[Path, Path]:
+    """Draw every section, then write figures, ``results.json`` and ``report.html`` (atomically)."""
+    sections, figures, tables = [], {}, {}
+    for name in ctx.config.experiments:
+        experiment = EXPERIMENTS.get(name)
+        content = experiment.section(ctx, ctx.outputs.get(name, {}), ctx.config.settings.get(name, {}))
+        for stem, _, png in content.figures:
+            figures[f"{name}-{stem}.png"] = png
+        tables[name] = [{"caption": t.caption, "columns": t.columns, "rows": t.rows} for t in content.tables]
+        sections.append(Section(
+            experiment.title, experiment.reading_aid,
+            figures=[(caption, png) for _, caption, png in content.figures], tables=content.tables,
+        ))
+    environment = environment_info(device=str(ctx.device), seed=ctx.seed)
+    results = {
+        "title": ctx.config.title,
+        "seed": ctx.seed,
+        "device": str(ctx.device),
+        "models": {name: model.describe() for name, model in ctx.models.items()},
+        "experiments": {
+            name: {model: output.results for model, output in outputs.items()}
+            for name, outputs in ctx.outputs.items()
+        },
+        "tables": tables,
+        "tradeoff": tradeoff_rows(ctx),
+        "figures": [f"figures/{file}" for file in figures],
+        "config": ctx.config.to_dict(),
+        "environment": environment,
+    }
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for file, png in figures.items():
+        atomic_write_bytes(out / "figures" / file, png)
+    write_json_atomic(out / "results.json", results)
+    render_report(
+        out / "report.html", title=ctx.config.title, sections=sections, config=ctx.config.to_dict(),
+        environment=environment,
+    )
+    return out / "report.html", out / "results.json"
+
+
+def format_tradeoff(rows: list[dict[str, Any]]) -> str:
+    """The trade-off table as aligned plain text, for the terminal."""
+    table = Table(list(TRADEOFF_COLUMNS.values()), [[row[k] for k in TRADEOFF_COLUMNS] for row in rows])
+    cells = [table.columns] + [[format_cell(v) for v in row] for row in table.rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(table.columns))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(line.rstrip() for line in lines)

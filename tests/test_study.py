@@ -1,0 +1,230 @@
+"""Studies: config validation, a tiny study end to end, caching, atomic reports, the sanity flag."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import io
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from sslens.cli import main
+from sslens.errors import UserError
+from sslens.study import (
+    DEFAULT_EXPERIMENTS,
+    EXPERIMENTS,
+    ExplainerSpec,
+    load_study_config,
+    register_explainer,
+    run_study,
+)
+from sslens.study.sections import TRADEOFF_COLUMNS
+
+
+class _Brightness:
+    """A test-only explainer whose maps ignore the model: the image's mean over channels."""
+
+    def __init__(self, encoder: torch.nn.Module, seed: int = 0):
+        self.encoder = encoder
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=1)
+
+
+register_explainer("test_brightness", ExplainerSpec(_Brightness, lambda e, x: e(x), "brightness (test)"))
+
+COMMON = {
+    "backbone": "resnet-tiny", "epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 2e-3,
+    "warmup_epochs": 0, "max_steps": 2,
+}
+TINY = {
+    "title": "Tiny <study>",
+    "device": "cpu",
+    "dataset": {"train_options": {"num_images": 96}, "test_options": {"num_images": 48}},
+    "models": [
+        {"name": "simclr", "method": "simclr", **COMMON},
+        {"name": "moco", "method": "moco", "method_options": {"queue_size": 64}, **COMMON},
+    ],
+    "explainers": {"relax": {"num_masks": 16}, "perceptual": {"num_masks": 8}},
+    "samples": {"tsne": 24, "invariance": 2, "faithfulness": 2, "localization": 2, "sanity": 2, "perceptual": 2},
+    "settings": {"quality": {"linear_epochs": 2, "k": 10}, "tsne": {"n_iter": 30}, "faithfulness": {"steps": 4}},
+}
+
+
+def tiny(**changes) -> dict:
+    config = copy.deepcopy(TINY)
+    config.update(changes)
+    return config
+
+
+def study(out, config: dict | None = None):
+    return run_study(load_study_config(None, config or tiny()), out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny study run once, shared by the tests that only read its output."""
+    out = tmp_path_factory.mktemp("study")
+    outcome = study(out)
+    return out, outcome
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_unknown_top_level_key_lists_the_valid_ones():
+    with pytest.raises(UserError, match=r"Unknown key 'modles'.*Did you mean 'models'.*Valid keys: models, title"):
+        load_study_config(None, {**tiny(), "modles": []})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"explainers": {"relax": {"num_mask": 5}}}, r"'num_mask' under explainers.relax.*num_masks"),
+        ({"settings": {"sanity": {"stepz": 1}}}, r"'stepz' under settings.sanity.*Valid keys: explainers, steps"),
+        ({"experiments": ["quality", "tnse"]}, r"'tnse' in experiments.*Did you mean 'tsne'"),
+        ({"samples": {"quality": 3}}, r"'quality' under samples"),
+        ({"dataset": {"nme": "synthetic"}}, r"'nme' in the dataset section.*Valid keys: name"),
+        ({"settings": {"faithfulness": {"explainers": ["relax", "gradcan"]}}}, r"'gradcan'.*gradcam"),
+    ],
+)
+def test_bad_sections_are_rejected_with_the_valid_keys(change, message):
+    with pytest.raises(UserError, match=message):
+        load_study_config(None, tiny(**change))
+
+
+def test_model_entries_are_checked():
+    with pytest.raises(UserError, match="Model 'x': Unknown config key 'epoch'"):
+        load_study_config(None, tiny(models=[{"name": "x", "method": "simclr", "epoch": 3}]))
+    with pytest.raises(UserError, match="sets data_options, which the study decides"):
+        load_study_config(None, tiny(models=[{"name": "x", "method": "simclr", "data_options": {}}]))
+    with pytest.raises(UserError, match="takes no training keys"):
+        load_study_config(None, tiny(models=[{"name": "x", "checkpoint": "m", "epochs": 3}]))
+    with pytest.raises(UserError, match="unique"):
+        load_study_config(None, tiny(models=[{"name": "x", "method": "simclr"}] * 2))
+
+
+@pytest.mark.parametrize("name", ["study-demo", "study-cifar10"])
+def test_packaged_studies_are_valid(name):
+    config = load_study_config(name, {"dataset.data_dir": "/data"} if "cifar" in name else {})
+    assert [m.train.method for m in config.models] == ["simclr", "moco", "swav"]
+    assert config.experiments == list(DEFAULT_EXPERIMENTS)
+
+
+def test_cli_study_with_an_unknown_key_exits_2(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text("models: [{name: a, method: simclr}]\nsamplez: {}\n")
+    with pytest.raises(SystemExit) as caught:
+        main(["study", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "Unknown key 'samplez'" in err and "Valid keys:" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- the study end to end
+
+
+def _section_titles(html: str) -> list[str]:
+    return re.findall(r"<h2>(.*?)</h2>", html)
+
+
+def test_report_has_every_section_with_decodable_figures(finished):
+    out, outcome = finished
+    html = (out / "report.html").read_text()
+    titles = _section_titles(html)
+    for name in DEFAULT_EXPERIMENTS:
+        assert EXPERIMENTS.get(name).title in titles
+    assert titles[-1] == "Configuration and environment"
+    assert "Tiny &lt;study&gt;" in html and "<study>" not in html  # user strings escaped
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) >= len(DEFAULT_EXPERIMENTS)
+    for data in images:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    results = json.loads((out / "results.json").read_text())
+    assert results["seed"] == 0 and "seed" in html
+    for figure in results["figures"]:
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tradeoff_table_has_one_row_per_model_matching_results_json(finished):
+    out, outcome = finished
+    html = (out / "report.html").read_text()
+    results = json.loads((out / "results.json").read_text())
+    rows = results["tradeoff"]
+    assert [row["model"] for row in rows] == ["simclr", "moco"]
+    assert rows == json.loads(json.dumps(outcome.tradeoff))
+    section = html.split(f"<h2>{EXPERIMENTS.get('tradeoff').title}</h2>")[1].split("</table>")[0]
+    html_rows = re.findall(r"<tr>(.*?)</tr>", section)[1:]
+    assert len(html_rows) == 2
+    for row, html_row in zip(rows, html_rows, strict=True):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", html_row)
+        for key, cell in zip(TRADEOFF_COLUMNS, cells, strict=True):
+            value = row[key]
+            expected = f"{value:.3f}" if isinstance(value, float) else str(value)
+            assert cell == expected, key
+    assert rows[0]["linear_top1"] == results["experiments"]["quality"]["simclr"]["linear_top1"]
+
+
+def test_rerun_recomputes_nothing_and_gives_the_same_results(finished, monkeypatch):
+    out, _ = finished
+    before = json.loads((out / "results.json").read_text())
+
+    def explode(*args, **kwargs):
+        raise AssertionError("a cached stage was recomputed")
+
+    for name in DEFAULT_EXPERIMENTS:
+        experiment = EXPERIMENTS.get(name)
+        if experiment.run is not None:
+            monkeypatch.setitem(EXPERIMENTS._entries, name, dataclasses.replace(experiment, run=explode))
+    monkeypatch.setattr("sslens.train.loop.train", explode)
+    study(out)
+    after = json.loads((out / "results.json").read_text())
+    assert after["experiments"] == before["experiments"]
+    assert after["tradeoff"] == before["tradeoff"]
+    assert all(model["source"] == "reused" for model in after["models"].values())
+
+
+def test_a_study_failing_midway_leaves_the_report_intact(finished, monkeypatch):
+    out, _ = finished
+    report, results = (out / "report.html").read_bytes(), (out / "results.json").read_bytes()
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    experiment = EXPERIMENTS.get("sanity")
+    monkeypatch.setitem(EXPERIMENTS._entries, "sanity", dataclasses.replace(experiment, run=explode))
+    changed = tiny(samples={**TINY["samples"], "sanity": 3})  # invalidates the sanity stage only
+    with pytest.raises(RuntimeError, match="boom"):
+        study(out, changed)
+    assert (out / "report.html").read_bytes() == report
+    assert (out / "results.json").read_bytes() == results
+
+
+def test_changed_training_config_trains_into_a_fresh_folder(finished):
+    out, _ = finished
+    weights = (out / "models" / "simclr" / "model" / "model.safetensors").read_bytes()
+    models = [{**TINY["models"][0], "lr": 1e-3}]
+    outcome = study(out, tiny(models=models, experiments=["quality", "tradeoff"]))
+    results = json.loads(outcome.results.read_text())
+    assert results["models"]["simclr"]["source"] == "trained"
+    assert "/models/simclr-" in results["models"]["simclr"]["model_file"]
+    assert (out / "models" / "simclr" / "model" / "model.safetensors").read_bytes() == weights
+
+
+def test_an_explainer_that_ignores_the_model_is_flagged(tmp_path):
+    config = tiny(
+        models=TINY["models"][:1],
+        experiments=["sanity", "tradeoff"],
+        settings={"sanity": {"explainers": ["test_brightness"]}},
+    )
+    outcome = study(tmp_path, config)
+    html = outcome.report.read_text()
+    assert "FLAGGED: maps ignore the weights" in html
+    assert "brightness (test): FLAGGED" in outcome.tradeoff[0]["sanity"]
+    result = json.loads(outcome.results.read_text())["experiments"]["sanity"]["simclr"]["test_brightness"]
+    assert result["verdict"] == "fails sanity check" and result["changed"] is False
