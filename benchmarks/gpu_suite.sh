@@ -16,18 +16,18 @@ export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/device.txt"
 
 echo "== CUDA-only tests (augmentations without host syncs, bf16 paths)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_augment.py tests/test_relax.py 2>&1 | tail -n 3 | tee "$OUT/cuda_tests.txt"
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_augment.py tests/test_relax.py 2>&1 | tail -n 3 | tee "$OUT/cuda_tests.txt"
 
 echo "== training throughput: (a) PIL DataLoader fp32, (b) sslens end to end, (c) model only"
-timeout 240 python3 benchmarks/train_throughput.py --backbone resnet18-cifar --batch-size 512 --steps 50 \
+timeout 200 python3 benchmarks/train_throughput.py --backbone resnet18-cifar --batch-size 512 --steps 50 \
     --repeats 3 --compile --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.txt"
 
 echo "== RELAX: relax-xai vs sslens, 3000 masks, ResNet-18 at 32 px and ResNet-50 at 224 px"
-timeout 200 python3 benchmarks/relax_speed.py --num-masks 3000 --images 2 --sizes 32,224 --repeats 3 \
+timeout 150 python3 benchmarks/relax_speed.py --num-masks 3000 --images 2 --sizes 32,224 --repeats 3 \
     --ours-batch-size 1500 --json "$OUT/relax_speed.json" 2>&1 | tee "$OUT/relax_speed.txt"
 
 echo "== sslens train + evaluate on CUDA (bf16, channels_last, online kNN)"
-timeout 120 python3 -m sslens train --config simclr-synthetic --device cuda --backbone resnet18-cifar \
+timeout 100 python3 -m sslens train --config simclr-synthetic --device cuda --backbone resnet18-cifar \
     --batch-size 512 --epochs 4 --set data_options.num_images=16384 --set knn_every=2 --out /tmp/gpu-run 2>&1 \
     | tail -n 8 | tee "$OUT/train_cuda.txt"
-timeout 60 python3 -m sslens evaluate /tmp/gpu-run --device cuda 2>&1 | tail -n 6 | tee -a "$OUT/train_cuda.txt"
+timeout 45 python3 -m sslens evaluate /tmp/gpu-run --device cuda 2>&1 | tail -n 6 | tee -a "$OUT/train_cuda.txt"
