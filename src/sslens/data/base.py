@@ -111,9 +111,12 @@ class ImageData:
             order = torch.randperm(len(self), generator=generator)
         else:
             order = torch.arange(len(self))
+        # One copy of the order per epoch: a per-batch copy from pageable host memory would make
+        # the host wait for the GPU every step, so kernel launches could no longer run ahead.
+        order = order.to(self.images.device)
         stop = len(self) - (len(self) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            index = order[start : start + batch_size].to(self.images.device)
+            index = order[start : start + batch_size]
             yield self.images[index].to(device, non_blocking=True), self.labels[index].to(device)
 
     def num_batches(self, batch_size: int, drop_last: bool) -> int:
