@@ -8,6 +8,7 @@ A cache file holds a dict of tensors, strings and lists, and is read back with
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sslens.atomic import atomic_write_bytes
 
 
 def fingerprint(*parts: object) -> str:
@@ -69,20 +72,11 @@ def save_cache(path: Path, key: str, payload: dict[str, Any]) -> bool:
     The file is written under a temporary name in the same folder and renamed into place, so a
     crash or a concurrent reader never sees half a cache.
     """
+    buffer = io.BytesIO()
+    torch.save({**payload, "key": key}, buffer)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError as error:
         warnings.warn(f"Cannot write the cache {path} ({error}); will decode again next time.", stacklevel=3)
         return False
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save({**payload, "key": key}, file)
-        os.replace(temp, path)
-    except OSError as error:
-        warnings.warn(f"Cannot write the cache {path} ({error}); will decode again next time.", stacklevel=3)
-        return False
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return True

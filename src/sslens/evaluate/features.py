@@ -16,15 +16,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from sslens.atomic import atomic_write_bytes
 from sslens.data.base import normalize, to_float
 
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
@@ -112,15 +112,7 @@ class FeatureCache:
         """Store ``tensor`` (moved to the CPU) under ``key``, replacing any earlier one."""
         if not torch.is_tensor(tensor):
             raise TypeError(f"FeatureCache.put needs a torch.Tensor; got {type(tensor).__name__}")
-        path = self.path(key)
-        handle, temp_name = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({"features": tensor.detach().cpu().contiguous()}, temp_name)
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self.path(key), save({"features": tensor.detach().cpu().contiguous()}))
 
     def __contains__(self, key: str) -> bool:
         return self.path(key).exists()

@@ -28,14 +28,14 @@ import numbers
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import yaml
+
+from sslens.atomic import atomic_write_bytes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DECIMALS = 3
@@ -145,27 +145,10 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def _write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, target)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave a half-written temporary file behind.
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON (via :func:`plain`, so NaN becomes null), atomically."""
     text = json.dumps(plain(obj), indent=2, allow_nan=False, ensure_ascii=False)
-    _write_atomic(path, (text + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
 def environment_info(*, device: str | None = None, seed: int | None = None) -> dict[str, Any]:
@@ -292,4 +275,4 @@ def render_report(
         environment: versions, device, seed (see :func:`environment_info`).
     """
     document = render_html(title=title, sections=sections, config=config, environment=environment)
-    _write_atomic(path, document.encode("utf-8"))
+    atomic_write_bytes(path, document.encode("utf-8"))

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from sslens.atomic import atomic_write_bytes, fsync_directory
 from sslens.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -74,31 +75,6 @@ def provenance() -> dict[str, str]:
     }
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # A rename is durable only once the directory entry itself reaches the disk.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_directory(target: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` into a temporary sibling of ``target``, then swap it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +97,7 @@ def _write_directory(target: Path, files: dict[str, bytes]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 def _weights_bytes(module: torch.nn.Module) -> bytes:
