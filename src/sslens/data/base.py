@@ -106,21 +106,27 @@ class ImageData:
         batches it would have seen.
         """
         device = torch.device(device) if device is not None else self.images.device
-        if shuffle:
-            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(len(self), generator=generator)
-        else:
-            order = torch.arange(len(self))
         # One copy of the order per epoch: a per-batch copy from pageable host memory would make
         # the host wait for the GPU every step, so kernel launches could no longer run ahead.
-        order = order.to(self.images.device)
-        stop = len(self) - (len(self) % batch_size if drop_last else 0)
-        for start in range(0, stop, batch_size):
-            index = order[start : start + batch_size]
+        order = epoch_order(len(self), shuffle=shuffle, seed=seed, epoch=epoch).to(self.images.device)
+        for index in batch_slices(order, batch_size, drop_last):
             yield self.images[index].to(device, non_blocking=True), self.labels[index].to(device)
 
     def num_batches(self, batch_size: int, drop_last: bool) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    """(n,) int64 CPU: the order of epoch ``epoch``, a function of (seed, epoch) alone."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batch_slices(order: torch.Tensor, batch_size: int, drop_last: bool) -> list[torch.Tensor]:
+    """``order`` cut into batches of ``batch_size`` (the last one partial unless ``drop_last``)."""
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    return [order[start : start + batch_size] for start in range(0, stop, batch_size)]
 
 
 def load_dataset(name: str, split: str, **options) -> ImageData:

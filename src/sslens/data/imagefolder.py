@@ -42,7 +42,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from sslens.data.base import DATASETS, IMAGENET_MEAN, IMAGENET_STD, ImageData
+from sslens.data.base import (
+    DATASETS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageData,
+    batch_slices,
+    epoch_order,
+)
 from sslens.data.cache import fingerprint, load_cache, save_cache, writable_dir
 from sslens.errors import DatasetError
 
@@ -345,13 +352,8 @@ class StreamingImageData:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images (B, H, W, 3) uint8, labels (B,)) in the same order as ImageData would."""
         device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
-        if shuffle:
-            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(len(self), generator=generator)
-        else:
-            order = torch.arange(len(self))
-        stop = len(self) - (len(self) % batch_size if drop_last else 0)
-        batches = [order[start : start + batch_size].tolist() for start in range(0, stop, batch_size)]
+        order = epoch_order(len(self), shuffle=shuffle, seed=seed, epoch=epoch)
+        batches = [index.tolist() for index in batch_slices(order, batch_size, drop_last)]
         loader = torch.utils.data.DataLoader(
             self._file_dataset(),
             batch_sampler=batches,

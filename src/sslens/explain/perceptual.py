@@ -71,11 +71,13 @@ import kornia.filters
 import torch
 from torch import nn
 
+from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
 from sslens.explain.base import EXPLAINERS, Explainer, Explanation
 from sslens.explain.depth import DepthEstimator
 from sslens.explain.masks import MASK_SAMPLERS
 from sslens.explain.relax import (
     RelaxEstimator,
+    autotuned_convolutions,
     check_positive_int,
     embed,
     gaussian_blur,
@@ -84,8 +86,6 @@ from sslens.explain.relax import (
 )
 from sslens.registry import Registry
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: ITU-R BT.601 luma, as torchvision's Grayscale; the weights sum to 1.
 LUMA = (0.299, 0.587, 0.114)
 
@@ -382,7 +382,7 @@ class PerceptualComponents(Explainer):
         images = images.to(dtype)
         mean, std = self._stats(images)
         skipped: dict[str, str] = {}
-        with torch.inference_mode():
+        with torch.inference_mode(), autotuned_convolutions(images.device):
             pixels = (images * std + mean).clamp(0.0, 1.0)
             depth_map, reason = (None, None)
             if any(COMPONENTS.get(name).needs_depth for name in self.components):

@@ -52,6 +52,7 @@ importance to float tolerance. Every place sslens differs from relax-xai, and wh
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -102,6 +103,22 @@ def use_amp(amp: bool | None, device: torch.device) -> bool:
     """``amp=None`` means bf16 on CUDA only; True asks for it on the CPU too (fast where the CPU
     has bf16 matrix units, e.g. AMX; the maps then differ from fp32 ones by rounding)."""
     return device.type == "cuda" if amp is None else bool(amp)
+
+
+@contextlib.contextmanager
+def autotuned_convolutions(device: torch.device) -> Iterator[None]:
+    """cuDNN autotuning on CUDA for the call, then the caller's setting back.
+
+    Mask batches all have the same shape, so autotuning pays for itself after the first one;
+    users of deterministic algorithms keep their setting.
+    """
+    previous = torch.backends.cudnn.benchmark
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def embed(encoder: nn.Module, images: torch.Tensor, amp: bool | None = None) -> torch.Tensor:
@@ -343,7 +360,7 @@ class RELAX(Explainer):
         size = tuple(images.shape[2:])
         dtype = images.dtype if images.is_floating_point() else torch.float32
         images = images.to(dtype)
-        with torch.inference_mode():
+        with torch.inference_mode(), autotuned_convolutions(images.device):
             if masks is None:
                 generator = torch.Generator(device=images.device).manual_seed(self.seed)
                 rounds = mask_rounds(self.sampler, self.num_masks, self.round_size, size, generator, dtype)
