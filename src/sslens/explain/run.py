@@ -17,10 +17,11 @@ those whose call takes a ``reference`` (the CAM family), and so on.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,10 @@ def load_encoder(
         "image_size": [int(s) for s in meta["image_size"]],
         "mean": list(meta["mean"]),
         "std": list(meta["std"]),
+        # Imported ImageNet models record their own crop (e.g. 256 → 224); sslens-trained ones
+        # were trained on whole images.
+        "crop_pct": float(meta.get("crop_pct", 1.0)),
+        "interpolation": str(meta.get("interpolation", "bicubic")),
     }
 
 
@@ -126,6 +131,9 @@ def _load_torchvision(weights: str, arch: str | None, output: str, device: torch
         "image_size": list(TORCHVISION_IMAGE_SIZE),
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
+        # torchvision's ImageNet evaluation transform: resize to 256, centre-crop 224, bilinear.
+        "crop_pct": 224 / 256,
+        "interpolation": "bilinear",
     }
 
 
@@ -151,7 +159,7 @@ def build_explainer(method: str, encoder: nn.Module, options: dict, defaults: di
 
 
 def _reference_kwargs(
-    explainer: Explainer, method: str, reference: str | None, size, mean, std, device: torch.device
+    explainer: Explainer, method: str, reference: str | None, load: Callable, device: torch.device
 ) -> tuple[dict, dict]:
     """(call kwargs, record) for ``--reference``: an image, a folder (mean embedding), or "augmented"."""
     wants_reference = "reference" in inspect.signature(explainer.explain).parameters
@@ -168,7 +176,7 @@ def _reference_kwargs(
     if reference == "augmented":
         return {"reference": "augmented"}, {"reference": "augmented"}
     files = list_image_files([reference])
-    tensors = torch.stack([load_image_tensor(f, size, mean, std)[0] for f in files]).to(device)
+    tensors = torch.stack([load(f)[0] for f in files]).to(device)
     if Path(reference).is_dir():
         return {"reference_set": tensors}, {"reference_set": [str(f) for f in files]}
     return {"reference": tensors}, {"reference": str(files[0])}
@@ -246,13 +254,17 @@ def explain_images(
     user_options = {"layer": layer, "num_masks": num_masks, "components": list(components) if components else None}
     user_options = {k: v for k, v in user_options.items() if v is not None}
     explainer = build_explainer(method, encoder, user_options, {"seed": seed, "mean": mean, "std": std})
-    call_kwargs, reference_record = _reference_kwargs(explainer, method, reference, size, mean, std, torch_device)
+    load = functools.partial(
+        load_image_tensor, size=size, mean=mean, std=std,
+        crop_pct=source["crop_pct"], interpolation=source["interpolation"],
+    )
+    call_kwargs, reference_record = _reference_kwargs(explainer, method, reference, load, torch_device)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for path, stem in zip(files, _unique_stems(files), strict=True):
-        tensor, preprocessing = load_image_tensor(path, size, mean, std)
+        tensor, preprocessing = load(path)
         batch = tensor[None].to(torch_device)
         explanation = explainer(batch, **call_kwargs)
         image = to_display_image(batch, mean, std)[0]
