@@ -21,6 +21,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _check_feature_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Both (N, D) float feature matrices, with the same D."""
+    _check_features(name_a, a)
+    _check_features(name_b, b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same feature dimension; got {a.shape[1]} and {b.shape[1]}"
+        )
+
+
 def _check_features(name: str, features: torch.Tensor) -> None:
     if not torch.is_tensor(features) or features.ndim != 2 or len(features) == 0:
         shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
@@ -76,13 +86,7 @@ def knn_predict(
     Returns:
         (Q, C) float32 scores on ``train_features.device``; each row sums to 1.
     """
-    _check_features("train_features", train_features)
-    _check_features("query_features", query_features)
-    if train_features.shape[1] != query_features.shape[1]:
-        raise ValueError(
-            f"train_features and query_features must have the same feature dimension; got "
-            f"{train_features.shape[1]} and {query_features.shape[1]}"
-        )
+    _check_feature_pair("train_features", train_features, "query_features", query_features)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
     _check_labels("train_labels", train_labels, len(train_features), num_classes)

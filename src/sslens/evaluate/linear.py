@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sslens.evaluate.knn import _check_features, _check_labels
+from sslens.evaluate.knn import _check_feature_pair, _check_labels
 
 
 @dataclass
@@ -176,13 +176,7 @@ def linear_probe(
         device: where to train; defaults to ``train_features.device``. All features are
             moved there once (they are small next to the images they came from).
     """
-    _check_features("train_features", train_features)
-    _check_features("test_features", test_features)
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train_features and test_features must have the same feature dimension; got "
-            f"{train_features.shape[1]} and {test_features.shape[1]}"
-        )
+    _check_feature_pair("train_features", train_features, "test_features", test_features)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
     _check_labels("train_labels", train_labels, len(train_features), num_classes)
