@@ -228,3 +228,62 @@ def test_an_explainer_that_ignores_the_model_is_flagged(tmp_path):
     assert "brightness (test): FLAGGED" in outcome.tradeoff[0]["sanity"]
     result = json.loads(outcome.results.read_text())["experiments"]["sanity"]["simclr"]["test_brightness"]
     assert result["verdict"] == "fails sanity check" and result["changed"] is False
+
+
+# ------------------------------------------------------------- models expecting other inputs
+
+
+def _imagenet_style_model(directory) -> None:
+    """A model directory like an imported ImageNet model's: 40-px inputs, ImageNet statistics."""
+    from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
+    from sslens.methods import create_method
+    from sslens.models import create_backbone
+    from sslens.train.checkpoint import provenance, save_model
+
+    torch.manual_seed(0)
+    method = create_method("simclr", create_backbone("resnet-tiny"))
+    save_model(directory, method, {
+        "method": "simclr", "method_options": {}, "backbone": "resnet-tiny", "backbone_options": {},
+        "image_size": [40, 40], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "class_names": [], "data": "test", "epoch": 0, "step": 0, "interpolation": "bicubic",
+        **provenance(),
+    })
+
+
+def test_a_checkpoint_expecting_other_inputs_is_fed_through_an_input_adapter(tmp_path):
+    from sslens.data.base import denormalize, normalize
+    from sslens.models.adapt import InputAdapter
+
+    _imagenet_style_model(tmp_path / "model")
+    config = tiny(
+        models=[{"name": "imagenet-style", "checkpoint": str(tmp_path / "model")}],
+        experiments=["quality", "faithfulness", "sanity", "gradcam_pairs", "tradeoff"],
+    )
+    outcome = study(tmp_path / "study", config)
+    results = json.loads(outcome.results.read_text())
+    assert set(results["experiments"]["sanity"]["imagenet-style"]) == {"relax", "gradcam"}
+    assert len(outcome.tradeoff) == 1
+
+    # The adapter feeds the model exactly what it expects: the dataset's images, un-normalised,
+    # resized to 40 px (bicubic) and normalised with ImageNet statistics.
+    from sslens.data import load_dataset
+    from sslens.study.models import StudyModel
+    from sslens.train.checkpoint import load_model
+
+    method, meta = load_model(tmp_path / "model")
+    data = load_dataset("synthetic", "test", num_images=4)
+    model = StudyModel("m", method, meta, tmp_path / "model", "", None, "checkpoint")
+    encoder = model.encoder("pooled", data)
+    assert isinstance(encoder, InputAdapter)
+    x = normalize(data.images.permute(0, 3, 1, 2).float() / 255, data.mean, data.std)
+    expected_input = normalize(
+        torch.nn.functional.interpolate(
+            denormalize(x, data.mean, data.std), size=(40, 40), mode="bicubic", align_corners=False
+        ),
+        meta["mean"], meta["std"],
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), method.backbone(expected_input))
+    # A model trained on the dataset itself is used as it is.
+    trained_meta = {**meta, "image_size": list(data.image_size), "mean": list(data.mean), "std": list(data.std)}
+    assert StudyModel("t", method, trained_meta, tmp_path, "", None, "trained").encoder("pooled", data) is method.backbone

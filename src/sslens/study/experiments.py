@@ -77,8 +77,8 @@ def register_experiment(name: str, **fields: Any) -> Callable[[RunFn | None], Ru
     return decorator
 
 
-def _pooled(model: StudyModel) -> torch.nn.Module:
-    return model.method.encoder("pooled")
+def _pooled(ctx: StudyContext, model: StudyModel) -> torch.nn.Module:
+    return model.encoder("pooled", ctx.test_data)
 
 
 @register_experiment(
@@ -93,7 +93,7 @@ def quality(ctx: StudyContext, model: StudyModel, settings: dict, samples: int |
     from sslens.evaluate import evaluate_encoder
 
     result = evaluate_encoder(
-        _pooled(model), ctx.train_data, ctx.test_data, k=settings["k"], temperature=settings["temperature"],
+        _pooled(ctx, model), ctx.train_data, ctx.test_data, k=settings["k"], temperature=settings["temperature"],
         linear=settings["linear"], linear_epochs=settings["linear_epochs"], device=ctx.device, seed=ctx.seed,
     )
     return StageResult(result)
@@ -117,7 +117,7 @@ def tsne(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | No
     data = ctx.test_data.subset(indices)
     arrays = {"labels": data.labels.cpu().numpy()}
     for output in ("pooled", "projection"):
-        features = extract_features(model.method.encoder(output), data, device=ctx.device)
+        features = extract_features(model.encoder(output, data), data, device=ctx.device)
         arrays[output] = tsne_embedding(
             features, seed=ctx.seed, perplexity=settings["perplexity"], n_iter=settings["n_iter"]
         )
@@ -144,7 +144,7 @@ def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
     from sslens.evaluate.invariance import saliency_invariance
 
     images = ctx.images(ctx.sample("invariance", samples))
-    relax = ctx.explain_fn("relax", _pooled(model))
+    relax = ctx.explain_fn("relax", _pooled(ctx, model))
     first_maps = []  # the first image's map in each call: original, then each augmentation
 
     def explain(x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +170,7 @@ def faithfulness(ctx: StudyContext, model: StudyModel, settings: dict, samples: 
     """:func:`~sslens.evaluate.faithfulness.deletion_insertion` for each explainer."""
     from sslens.evaluate.faithfulness import deletion_insertion
 
-    encoder = _pooled(model)
+    encoder = _pooled(ctx, model)
     images = ctx.images(ctx.sample("faithfulness", samples))
     results = {}
     for name in settings["explainers"]:
@@ -199,7 +199,7 @@ def localization(ctx: StudyContext, model: StudyModel, settings: dict, samples: 
     indices = ctx.sample("localization", samples, with_masks=True)
     images = ctx.images(indices)
     masks = ctx.test_data.masks[indices.to(ctx.test_data.masks.device)].to(images.device)
-    encoder = _pooled(model)
+    encoder = _pooled(ctx, model)
     results = {}
     for name in settings["explainers"]:
         maps = ctx.explain_fn(name, encoder)(images).to(images.device)
@@ -224,8 +224,11 @@ def sanity(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | 
     """:func:`~sslens.evaluate.sanity.model_randomization_test`, top block first."""
     from sslens.evaluate.sanity import model_randomization_test
 
-    encoder = _pooled(model)
-    layers = list(reversed(model.method.backbone.layer_names))[: settings["steps"]]
+    encoder = _pooled(ctx, model)
+    # Layer names as seen from the encoder (an InputAdapter puts the backbone one level down).
+    prefix = next(name for name, module in encoder.named_modules() if module is model.method.backbone)
+    layers = [f"{prefix}.{n}" if prefix else n for n in reversed(model.method.backbone.layer_names)]
+    layers = layers[: settings["steps"]]
     images = ctx.images(ctx.sample("sanity", samples))
     results = {}
     for name in settings["explainers"]:
@@ -255,7 +258,7 @@ def perceptual(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
     depth = None if depth is None else depth[indices.to(depth.device)].to(images.device)
     options = {**ctx.config.explainers.get("perceptual", {}), "components": settings["components"]}
     explainer = EXPLAINER_SPECS.get("perceptual").factory(
-        _pooled(model), seed=ctx.seed, mean=ctx.mean, std=ctx.std, **options
+        _pooled(ctx, model), seed=ctx.seed, mean=ctx.mean, std=ctx.std, **options
     )
     explanation = explainer(images, depth=depth)
     components = {}
@@ -305,7 +308,7 @@ def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples:
             seconds.append(ctx.images(torch.tensor([partner])))
             kinds.append((kind, anchor, partner))
     first, second = torch.cat(firsts), torch.cat(seconds)
-    cam = SimilarityCAM(_pooled(model), symmetric=True, seed=ctx.seed, **ctx.config.explainers.get("gradcam", {}))
+    cam = SimilarityCAM(_pooled(ctx, model), symmetric=True, seed=ctx.seed, **ctx.config.explainers.get("gradcam", {}))
     explanation = cam(first, reference=second)
     results = {
         "pairs": [

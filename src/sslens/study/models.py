@@ -41,6 +41,16 @@ class StudyModel:
     training_seconds: float | None
     source: str  # "trained", "reused" or "checkpoint"
 
+    def encoder(self, output: str, data: Any) -> torch.nn.Module:
+        """The ``output`` embedding as a module taking ``data``'s images (its size and
+        normalisation); models that expect other inputs (imported ImageNet models) are wrapped
+        in an :class:`~sslens.models.adapt.InputAdapter`."""
+        from sslens.models.adapt import adapt_input
+
+        return adapt_input(
+            self.method.encoder(output), self.meta, image_size=data.image_size, mean=data.mean, std=data.std
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "method": self.meta.get("method"),
