@@ -75,3 +75,18 @@ def test_train_then_evaluate_writes_evaluation_json(tmp_path, capsys):
     # A second `train` into the same directory is refused, with the fix, as exit status 2.
     assert call("train", "--method", "simclr", "--out", str(run), "--device", "cpu") == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_evaluate_an_imported_model_needs_and_uses_data_flags(tmp_path, capsys, imagenet_style_model):
+    model = tmp_path / "imported"
+    imagenet_style_model(model)
+    assert call("evaluate", str(model), "--device", "cpu") == 2
+    assert "--data" in capsys.readouterr().err
+    status = call(
+        "evaluate", str(model), "--device", "cpu", "--data", "synthetic", "--image-size", "32",
+        "--no-linear", "--k", "20",
+    )
+    assert status == 0
+    result = json.loads((model / "evaluation.json").read_text())
+    assert 0.0 <= result["knn_top1"] <= 1.0 and result["linear_top1"] is None
+    assert result["details"]["num_train"] == 4000 and result["details"]["feature_dim"] == 128

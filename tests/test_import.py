@@ -7,6 +7,7 @@ import json
 import urllib.error
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -327,3 +328,37 @@ def test_imported_models_cannot_be_trained(tmp_path, resnet18_state):
         import_checkpoint(tmp_path / "r18.pth", "torchvision", tmp_path / "m", arch="resnet18")
     with pytest.raises(UserError, match="ImageNet ResNet"):
         import_checkpoint(tmp_path / "r18.pth", "torchvision", tmp_path / "c", arch="resnet18-cifar")
+
+
+def test_published_checkpoints_work_directly_in_explain_and_study(tmp_path, resnet18_state, monkeypatch):
+    """`sslens explain CKPT --format moco` and a study's {checkpoint, format} import once, then reuse."""
+    from PIL import Image
+
+    from sslens.cli import main
+    from sslens.models import imports
+    from sslens.study import load_study_config, run_study
+
+    path = tmp_path / "moco_v2.pth.tar"
+    torch.save(moco_checkpoint(resnet18_state, version=2), path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the import cache lives under ~/.cache
+    image = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)).save(image)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", str(path), "--format", "moco", "--arch", "resnet18", "--image", str(image),
+              "--method", "relax", "--num-masks", "8", "--out", str(tmp_path / "maps"), "--device", "cpu"])
+    assert exit_info.value.code in (0, None)
+    assert (tmp_path / "maps" / "a_relax.npz").is_file()
+    cached = list((tmp_path / "home" / ".cache" / "sslens" / "imported").iterdir())
+    assert len(cached) == 1
+
+    # The study finds the same import in the cache: importing again would raise.
+    monkeypatch.setattr(imports, "import_checkpoint", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-imported")))
+    config = load_study_config(None, {
+        "device": "cpu",
+        "dataset": {"train_options": {"num_images": 64}, "test_options": {"num_images": 32}},
+        "models": [{"name": "moco-r18", "checkpoint": str(path), "format": "moco", "arch": "resnet18"}],
+        "experiments": ["quality", "tradeoff"],
+        "settings": {"quality": {"linear_epochs": 2, "k": 10}},
+    })
+    outcome = run_study(config, tmp_path / "study", progress=False)
+    assert outcome.tradeoff[0]["model"] == "moco-r18"

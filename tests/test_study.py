@@ -233,28 +233,11 @@ def test_an_explainer_that_ignores_the_model_is_flagged(tmp_path):
 # ------------------------------------------------------------- models expecting other inputs
 
 
-def _imagenet_style_model(directory) -> None:
-    """A model directory like an imported ImageNet model's: 40-px inputs, ImageNet statistics."""
-    from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
-    from sslens.methods import create_method
-    from sslens.models import create_backbone
-    from sslens.train.checkpoint import provenance, save_model
-
-    torch.manual_seed(0)
-    method = create_method("simclr", create_backbone("resnet-tiny"))
-    save_model(directory, method, {
-        "method": "simclr", "method_options": {}, "backbone": "resnet-tiny", "backbone_options": {},
-        "image_size": [40, 40], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "class_names": [], "data": "test", "epoch": 0, "step": 0, "interpolation": "bicubic",
-        **provenance(),
-    })
-
-
-def test_a_checkpoint_expecting_other_inputs_is_fed_through_an_input_adapter(tmp_path):
+def test_a_checkpoint_expecting_other_inputs_is_fed_through_an_input_adapter(tmp_path, imagenet_style_model):
     from sslens.data.base import denormalize, normalize
     from sslens.models.adapt import InputAdapter
 
-    _imagenet_style_model(tmp_path / "model")
+    imagenet_style_model(tmp_path / "model")
     config = tiny(
         models=[{"name": "imagenet-style", "checkpoint": str(tmp_path / "model")}],
         experiments=["quality", "faithfulness", "sanity", "gradcam_pairs", "tradeoff"],

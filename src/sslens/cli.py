@@ -92,35 +92,58 @@ def evaluate_command(
     temperature: Annotated[float, typer.Option(help="Temperature of the kNN vote weights exp(s/T).")] = 0.1,
     linear: Annotated[bool, typer.Option("--linear/--no-linear", help="Also train a linear probe.")] = True,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
+    data: Annotated[str | None, typer.Option(
+        help="Evaluate on this dataset (synthetic, cifar10, imagefolder) instead of the run's own; "
+        "needed for imported models, which record no training data.",
+    )] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Folder of --data (cifar10, imagefolder).")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="Side the --data images are prepared at (e.g. 224 for ImageNet models); the model's own "
+        "input size and normalisation are applied on top (see docs/MODELS.md).",
+    )] = None,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Also write the results here (RUN_DIR/evaluation.json is always written).",
     )] = None,
 ) -> None:
-    """Evaluate a trained model's frozen features: kNN and linear-probe top-1 on the held-out split.
+    """Evaluate a model's frozen features: kNN and linear-probe top-1 on the held-out split.
 
-    The run's training split is the kNN memory bank and the probe's training set; its test split
-    is held out for the scores.
+    The training split is the kNN memory bank and the probe's training set; the test split is
+    held out for the scores. By default these are the run's own dataset; --data picks another
+    (and is how imported models are evaluated).
     """
+    from sslens.data import load_dataset
     from sslens.evaluate import FeatureCache, evaluate_encoder, format_results_table
+    from sslens.models.adapt import adapt_input
     from sslens.train.checkpoint import atomic_write_bytes, load_model
     from sslens.train.config import TrainConfig
     from sslens.train.loop import load_split, resolve_device
 
     torch_device = resolve_device(device)
     method, meta = load_model(run_dir, device=torch_device)
-    if "config" not in meta:
+    if data is not None:
+        options = {"data_dir": data_dir} if data_dir else {}
+        options |= {"image_size": image_size} if image_size else {}
+        train_data, test_data = (load_dataset(data, split, **options).to(torch_device) for split in ("train", "test"))
+        seed = 0
+    elif "config" in meta:
+        config = TrainConfig(**{**meta["config"], "device": str(torch_device)})
+        train_data = load_split(config, "train", torch_device)
+        test_data = load_split(config, "test", torch_device)
+        seed = config.seed
+    else:
         raise UserError(
-            f"{run_dir} records no training config, so sslens cannot tell which dataset to evaluate on. "
-            f"Evaluate a run directory written by `sslens train`."
+            f"{run_dir} records no training config (an imported model?), so sslens cannot tell which "
+            f"dataset to evaluate on. Pass --data (and --data-dir, --image-size), e.g. "
+            f"--data imagefolder --data-dir ~/imagenet-subset --image-size 224."
         )
-    config = TrainConfig(**{**meta["config"], "device": str(torch_device)})
-    train_data = load_split(config, "train", torch_device)
-    test_data = load_split(config, "test", torch_device)
+    encoder = adapt_input(
+        method.encoder("pooled"), meta, image_size=train_data.image_size, mean=train_data.mean, std=train_data.std
+    )
     # Features are keyed by the weights and the data, so a re-evaluation (another k, say) reuses them.
     cache_root = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     result = evaluate_encoder(
-        method.encoder("pooled"), train_data, test_data, k=k, temperature=temperature, linear=linear,
-        device=torch_device, seed=config.seed, cache=FeatureCache(cache_root / "features"),
+        encoder, train_data, test_data, k=k, temperature=temperature, linear=linear,
+        device=torch_device, seed=seed, cache=FeatureCache(cache_root / "features"),
     )
     details = result["details"]
     result["model"] = {key: meta[key] for key in ("method", "backbone", "epoch", "step")}
@@ -157,7 +180,12 @@ def explain_command(
         help="Perceptual components, comma-separated: color,shape,texture,brightness,sharpness,depth,lowpass,highpass.",
     )] = None,
     weights: Annotated[str | None, typer.Option(help="A local torchvision ResNet state dict to explain instead of an sslens model.")] = None,
-    arch: Annotated[str | None, typer.Option(help="Architecture of --weights, e.g. resnet50.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture of --weights or of a --format checkpoint, e.g. resnet50.")] = None,
+    format: Annotated[str | None, typer.Option(
+        help="MODEL is a published checkpoint in this layout (moco, swav, simclr, torchvision, timm); "
+        "it is imported once into ~/.cache/sslens/imported (see `sslens import`).",
+    )] = None,
+    timm_name: Annotated[str | None, typer.Option(help="timm model name, with --format timm.")] = None,
     output: Annotated[str, typer.Option(help="Embedding to explain: pooled, projection (or prototypes for imported SwAV).")] = "pooled",
     num_masks: Annotated[int | None, typer.Option(help="Masks for relax/perceptual (default 3000).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the masks and augmentations.")] = 0,
@@ -166,6 +194,13 @@ def explain_command(
     """Explain what a model's representation looks at; writes raw maps (.npz) and overlays (.png)."""
     from sslens.explain.run import explain_images
 
+    if format is not None:
+        from sslens.models.imports import import_cached
+
+        if model is None:
+            raise UserError("--format names the layout of MODEL; pass the checkpoint file as MODEL.")
+        model = str(import_cached(model, format, arch=arch or "resnet50", timm_name=timm_name))
+        arch = None
     explain_images(
         model, image, method=method, out_dir=out, reference=reference, layer=layer,
         components=components.split(",") if components else None, weights=weights, arch=arch,

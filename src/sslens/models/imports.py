@@ -624,3 +624,26 @@ def import_summary(model_dir: str | os.PathLike) -> str:
     ]
     lines += [f"  dropped {len(keys)} keys: {reason}" for reason, keys in meta["dropped"].items()]
     return "\n".join(lines)
+
+
+def import_cached(
+    path: str | os.PathLike,
+    format: str,
+    *,
+    arch: str = "resnet50",
+    timm_name: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The sslens model directory of a published checkpoint, imported on first use.
+
+    Lets ``sslens explain CHECKPOINT --format moco`` and a study's ``{checkpoint: ..., format:
+    moco}`` take the authors' file directly. The directory lives under ``cache_dir`` (default
+    ``~/.cache/sslens/imported``), keyed by the file's SHA-256 and the import options, so a
+    changed file is imported again and an unchanged one is not.
+    """
+    key = hashlib.sha256(json.dumps([sha256_file(path), format, arch, timm_name]).encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "sslens" / "imported"
+    out_dir = root / f"{format}-{key}"
+    if (out_dir / "model.safetensors").is_file() and (out_dir / "meta.json").is_file():
+        return out_dir
+    return import_checkpoint(path, format, out_dir, arch=arch, timm_name=timm_name, overwrite=True)

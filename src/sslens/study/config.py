@@ -15,6 +15,7 @@ A study file is YAML with these top-level keys (all optional except ``models``):
     models:                       # each: a name plus TrainConfig keys, or a checkpoint
       - {name: simclr, method: simclr, backbone: resnet-tiny, epochs: 8}
       - {name: imported, checkpoint: path/to/model-dir}
+      - {name: moco-r50, checkpoint: moco_v2_800ep_pretrain.pth.tar, format: moco, arch: resnet50}
     explainers:                   # constructor options per explainer (see sslens.study.explainers)
       relax: {num_masks: 500}
     experiments: [quality, tsne]  # default: every experiment
@@ -86,6 +87,15 @@ class ModelSpec:
     name: str
     train: TrainConfig | None = None
     checkpoint: str | None = None
+    #: layout of a published checkpoint file (moco, swav, simclr, torchvision, timm), imported
+    #: on first use; None for an sslens model directory or run.
+    format: str | None = None
+    arch: str = "resnet50"
+    timm_name: str | None = None
+
+
+# Keys a checkpoint model may add to import a published file directly (see `sslens import`).
+CHECKPOINT_IMPORT_KEYS = ("format", "arch", "timm_name")
 
 
 @dataclass
@@ -112,7 +122,8 @@ class StudyConfig:
             "device": self.device,
             "dataset": self.dataset,
             "models": [
-                {"name": m.name, "checkpoint": m.checkpoint} if m.checkpoint is not None
+                {"name": m.name, "checkpoint": m.checkpoint, "format": m.format, "arch": m.arch,
+                 "timm_name": m.timm_name} if m.checkpoint is not None
                 else {"name": m.name, **_train_entry(m.train)}
                 for m in self.models
             ],
@@ -166,13 +177,14 @@ def _model(raw: Any, index: int, dataset: dict, seed: int, device: str) -> Model
             f"'_', '.' and '-' (it names the folder out/models/<name>)."
         )
     if "checkpoint" in raw:
-        extra = sorted(set(raw) - {"name", "checkpoint"})
+        extra = sorted(set(raw) - {"name", "checkpoint", *CHECKPOINT_IMPORT_KEYS})
         if extra:
             raise UserError(
                 f"Model {name!r} loads a checkpoint, so it takes no training keys ({', '.join(extra)}); "
                 f"remove them or drop 'checkpoint' to train it."
             )
-        return ModelSpec(name, checkpoint=_check_type(f"{where}.checkpoint", raw["checkpoint"], str))
+        imports = {key: _check_type(f"{where}.{key}", raw[key], str) for key in CHECKPOINT_IMPORT_KEYS if key in raw}
+        return ModelSpec(name, checkpoint=_check_type(f"{where}.checkpoint", raw["checkpoint"], str), **imports)
     options = {k: v for k, v in raw.items() if k != "name"}
     owned = [k for k in options if k in STUDY_OWNED_TRAIN_KEYS]
     if owned:

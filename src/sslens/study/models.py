@@ -117,7 +117,12 @@ def prepare_model(
     display around it); ``say`` reports what happened in one line.
     """
     if spec.checkpoint is not None:
-        model_file = resolve_model_file(spec.checkpoint)
+        checkpoint = spec.checkpoint
+        if spec.format is not None:
+            from sslens.models.imports import import_cached
+
+            checkpoint = import_cached(checkpoint, spec.format, arch=spec.arch, timm_name=spec.timm_name)
+        model_file = resolve_model_file(checkpoint)
         method, meta = load_model(model_file, device=device)
         return StudyModel(spec.name, method, meta, model_file, file_sha256(model_file), None, "checkpoint")
     run_dir = run_directory(models_root, spec)

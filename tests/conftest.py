@@ -1,0 +1,27 @@
+"""Fixtures shared by several test files."""
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def imagenet_style_model():
+    """Writes a model directory like an imported ImageNet model's: no training config, 40-px
+    inputs, ImageNet statistics, bicubic resizing."""
+
+    def write(directory) -> None:
+        from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
+        from sslens.methods import create_method
+        from sslens.models import create_backbone
+        from sslens.train.checkpoint import provenance, save_model
+
+        torch.manual_seed(0)
+        method = create_method("simclr", create_backbone("resnet-tiny"))
+        save_model(directory, method, {
+            "method": "simclr", "method_options": {}, "backbone": "resnet-tiny", "backbone_options": {},
+            "image_size": [40, 40], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "class_names": [], "data": "test", "epoch": 0, "step": 0, "interpolation": "bicubic",
+            **provenance(),
+        })
+
+    return write
