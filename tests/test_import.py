@@ -6,8 +6,8 @@ import hashlib
 import json
 import urllib.error
 
-import pytest
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
