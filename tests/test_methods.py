@@ -277,3 +277,16 @@ def test_swav_state_dict_round_trip():
     for name in ("queue", "queue_count", "num_steps"):
         assert torch.equal(getattr(restored, name), getattr(method, name))
     assert torch.equal(restored.prototypes.weight, method.prototypes.weight)
+
+
+def test_key_shuffle_is_a_seeded_permutation_computed_from_the_step_alone():
+    from sslens.methods.moco import step_permutation
+
+    first = step_permutation(256, torch.tensor(7), seed=0)
+    assert sorted(first.tolist()) == list(range(256))
+    assert torch.equal(first, step_permutation(256, torch.tensor(7), seed=0))  # a resume repeats it
+    assert not torch.equal(first, step_permutation(256, torch.tensor(8), seed=0))
+    assert not torch.equal(first, step_permutation(256, torch.tensor(7), seed=1))
+    # Each of four BN chunks draws from all four quarters of the batch.
+    quarters = first.view(4, 64) // 64
+    assert all(torch.bincount(chunk, minlength=4).min() >= 8 for chunk in quarters)

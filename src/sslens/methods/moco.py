@@ -122,10 +122,7 @@ class MoCo(SSLMethod):
                 f"MoCo key_bn_splits={self.key_bn_splits} needs a batch of at least "
                 f"{2 * self.key_bn_splits} images; got {len(x)}. Lower key_bn_splits or raise the batch size."
             )
-        # Reading num_steps is a CPU-GPU sync point, the price of a permutation that a resumed
-        # run repeats exactly.
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.num_steps))
-        order = torch.randperm(len(x), generator=generator).to(x.device)
+        order = step_permutation(len(x), self.num_steps, self.seed)
         chunks = x[order].chunk(self.key_bn_splits)
         keys = torch.cat([self.key_projector(self.key_backbone(chunk)) for chunk in chunks])
         return F.normalize(keys[order.argsort()], dim=1)
@@ -170,3 +167,20 @@ class MoCo(SSLMethod):
         m = MOMENTUM_SCHEDULES[self.momentum_schedule](step, total_steps, self.momentum)
         momentum_update(self.backbone, self.key_backbone, m)
         momentum_update(self.projector, self.key_projector, m)
+
+
+def step_permutation(n: int, step: torch.Tensor, seed: int) -> torch.Tensor:
+    """A pseudo-random permutation of ``n`` for training step ``step`` (a 0-d long tensor).
+
+    Computed on ``step``'s device from (seed, step) alone — argsort of a hash of (step, index) —
+    so it needs no CPU-GPU sync (a ``torch.Generator`` seeded from the step would read it back
+    every step) and a resumed run repeats it exactly. The hash is three rounds of a MINSTD
+    multiplication (48271 modulo 2^31 - 1, whose products fit in int64) each followed by an
+    xor-shift, which breaks the lattice structure a bare linear congruential step leaves.
+    """
+    modulus = 2**31 - 1
+    state = (seed * 1_000_003 + step * n + torch.arange(n, device=step.device)) % modulus + 1
+    for _ in range(3):
+        state = state * 48271 % modulus
+        state = state ^ (state >> 15)
+    return torch.argsort(state, stable=True)
