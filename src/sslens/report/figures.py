@@ -96,6 +96,7 @@ def bar_chart(
     means: Mapping[str, Mapping[str, tuple[float, float]]],
     *,
     ylabel: str = "score",
+    xlabel: str = "component",
     title: str = "",
     path: str | os.PathLike | None = None,
 ) -> bytes:
@@ -122,7 +123,7 @@ def bar_chart(
             label=model,
         )
     ax.set_xticks(positions, components, rotation=20 if len(components) > 5 else 0)
-    ax.set_xlabel("component")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(frameon=False)

@@ -41,7 +41,7 @@ def quality(ctx, outputs: dict, settings: dict) -> SectionContent:
             for m, knn, lin in rows}
     return SectionContent(
         [("accuracy", "Held-out top-1 accuracy of each model's pooled features.",
-          bar_chart(bars, ylabel="top-1 accuracy", title="Representation quality"))],
+          bar_chart(bars, ylabel="top-1 accuracy", xlabel="classifier", title="Representation quality"))],
         [Table(["model", "kNN top-1", "linear top-1"], rows,
                f"kNN (k={settings['k']}, T={settings['temperature']}) and linear probe ({settings['linear_epochs']} epochs).")],
     )
@@ -121,7 +121,7 @@ def localization(ctx, outputs: dict, settings: dict) -> SectionContent:
             rows.append([model, label(name), (pointing["mean"], pointing["std"]), (mass["mean"], mass["std"])])
     return SectionContent(
         [("scores", "Pointing game and relevance mass (mean ± std over images).",
-          bar_chart(bars, ylabel="score", title="Localisation"))],
+          bar_chart(bars, ylabel="score", xlabel="metric", title="Localisation"))],
         [Table(["model", "explainer", "pointing game", "relevance mass"], rows,
                f"Over {ctx.config.samples['localization']} test images with an object mask.")],
     )
