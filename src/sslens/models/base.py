@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -45,3 +47,25 @@ class Backbone(nn.Module):
 def create_backbone(name: str, **options) -> Backbone:
     """Build a registered backbone by name, e.g. ``create_backbone("resnet18-cifar")``."""
     return BACKBONES.create(name, **options)
+
+
+def state_dict_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """'' when ``given`` fits ``expected`` exactly, else its missing, unexpected and misshapen keys.
+
+    Shared by every loader of foreign weights, so nothing is ever silently ignored.
+    """
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = sorted(
+        f"{key}: checkpoint {tuple(given[key].shape)} vs backbone {tuple(expected[key].shape)}"
+        for key in set(given) & set(expected)
+        if tuple(given[key].shape) != tuple(expected[key].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"not in this backbone: {', '.join(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+    return " | ".join(problems)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from sslens.models.base import BACKBONES, Backbone
+from sslens.models.base import BACKBONES, Backbone, state_dict_problems
 
 Block = type[BasicBlock] | type[Bottleneck]
 
@@ -218,25 +218,11 @@ def load_torchvision_state_dict(
         else:
             mapped[key] = value
 
-    expected = backbone.state_dict()
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    mismatched = sorted(
-        f"{key}: checkpoint {tuple(mapped[key].shape)} vs backbone {tuple(expected[key].shape)}"
-        for key in set(mapped) & set(expected)
-        if mapped[key].shape != expected[key].shape
-    )
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing from the checkpoint: {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"not in this backbone: {', '.join(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+    problems = state_dict_problems(backbone.state_dict(), mapped)
+    if problems:
         raise ValueError(
             "The state dict does not fit this backbone (is it the same depth and stem? "
-            "ImageNet checkpoints need 'resnetXX', not 'resnetXX-cifar'). " + " | ".join(problems)
+            "ImageNet checkpoints need 'resnetXX', not 'resnetXX-cifar'). " + problems
         )
     backbone.load_state_dict(mapped, strict=True)
     return ImportReport(loaded=sorted(mapped), dropped=sorted(dropped))

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from sslens.models.base import BACKBONES, Backbone
+from sslens.models.base import BACKBONES, Backbone, state_dict_problems
 from sslens.models.resnet import ImportReport
 
 
@@ -146,31 +146,11 @@ class TimmBackbone(Backbone):
         prefixes = tuple(f"{name}." for name in classifiers)
         kept = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
         dropped = sorted(set(state_dict) - set(kept))
-        expected = self.model.state_dict()
-        problems = _state_dict_problems(expected, kept)
+        problems = state_dict_problems(self.model.state_dict(), kept)
         if problems:
             raise ValueError(f"The state dict does not fit timm model {self.model_name!r}: {problems}")
         self.model.load_state_dict(kept, strict=True)
         return ImportReport(loaded=sorted(f"model.{k}" for k in kept), dropped=dropped)
-
-
-def _state_dict_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
-    """'' if ``given`` fits ``expected`` exactly, else the missing / unexpected / misshapen keys."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    mismatched = sorted(
-        f"{key}: file {tuple(given[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in set(given) & set(expected)
-        if tuple(given[key].shape) != tuple(expected[key].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing from the file: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
-    return " | ".join(problems)
 
 
 def _to_map(
