@@ -649,6 +649,27 @@ def default_blur_p(image_size: int) -> float:
     return 0.5 if image_size >= 64 else 0.0
 
 
+def _uniform_views(
+    name: str,
+    image_size: int,
+    mean,
+    std,
+    num_views: int,
+    blur_p: float | None,
+    blur_kernel_size: int | None,
+    **spec,
+) -> ViewRecipe:
+    """``num_views`` identical views at ``image_size``; blur probability and kernel default to
+    :func:`default_blur_p` and :func:`simclr_kernel_size` of the image size."""
+    view = ViewSpec(
+        size=image_size,
+        blur_p=default_blur_p(image_size) if blur_p is None else blur_p,
+        blur_kernel_size=simclr_kernel_size(image_size) if blur_kernel_size is None else blur_kernel_size,
+        **spec,
+    )
+    return ViewRecipe(name, [view] * num_views, mean, std)
+
+
 @VIEW_RECIPES.register("simclr")
 def simclr_views(
     *,
@@ -680,25 +701,12 @@ def simclr_views(
     setting). The paper's CIFAR colour strength is 0.5 (brightness/contrast/saturation 0.4,
     hue 0.1); we keep lightly's strength 1 by default, as an override away.
     """
-    spec = ViewSpec(
-        size=image_size,
-        crop_scale=crop_scale,
-        crop_ratio=crop_ratio,
-        flip_p=flip_p,
-        brightness=brightness,
-        contrast=contrast,
-        saturation=saturation,
-        hue=hue,
-        jitter_p=jitter_p,
-        grayscale_p=grayscale_p,
-        blur_p=default_blur_p(image_size) if blur_p is None else blur_p,
-        blur_kernel_size=(
-            simclr_kernel_size(image_size) if blur_kernel_size is None else blur_kernel_size
-        ),
-        blur_sigma=blur_sigma,
-        solarize_p=solarize_p,
+    return _uniform_views(
+        "simclr", image_size, mean, std, _positive("num_views", num_views), blur_p, blur_kernel_size,
+        crop_scale=crop_scale, crop_ratio=crop_ratio, flip_p=flip_p, brightness=brightness,
+        contrast=contrast, saturation=saturation, hue=hue, jitter_p=jitter_p,
+        grayscale_p=grayscale_p, blur_sigma=blur_sigma, solarize_p=solarize_p,
     )
-    return ViewRecipe("simclr", [spec] * _positive("num_views", num_views), mean, std)
 
 
 @VIEW_RECIPES.register("moco-v2")
@@ -726,21 +734,12 @@ def moco_v2_views(
     SimCLR defaults (jitter 0.8, crop from 0.08); we follow the MoCo authors. ``blur_p=None``
     follows :func:`default_blur_p` (off below 64 px), and the kernel is 10% of the side.
     """
-    spec = ViewSpec(
-        size=image_size,
-        crop_scale=crop_scale,
-        flip_p=flip_p,
-        brightness=brightness,
-        contrast=contrast,
-        saturation=saturation,
-        hue=hue,
-        jitter_p=jitter_p,
-        grayscale_p=grayscale_p,
-        blur_p=default_blur_p(image_size) if blur_p is None else blur_p,
-        blur_kernel_size=simclr_kernel_size(image_size),
+    return _uniform_views(
+        "moco-v2", image_size, mean, std, 2, blur_p, None,
+        crop_scale=crop_scale, flip_p=flip_p, brightness=brightness, contrast=contrast,
+        saturation=saturation, hue=hue, jitter_p=jitter_p, grayscale_p=grayscale_p,
         blur_sigma=blur_sigma,
     )
-    return ViewRecipe("moco-v2", [spec, spec], mean, std)
 
 
 @VIEW_RECIPES.register("reference-cifar")
@@ -764,20 +763,11 @@ def reference_cifar_views(
     our choices are torchvision's crop scale (0.08, 1), blur p 0.5 and sigma U(0.1, 2) (the
     SimCLR values). It lists no grayscale step, so there is none.
     """
-    spec = ViewSpec(
-        size=image_size,
-        crop_scale=crop_scale,
-        flip_p=flip_p,
-        brightness=0.8,
-        contrast=0.8,
-        saturation=0.8,
-        hue=0.2,
-        jitter_p=jitter_p,
-        blur_p=blur_p,
-        blur_kernel_size=simclr_kernel_size(image_size),
-        blur_sigma=blur_sigma,
+    return _uniform_views(
+        "reference-cifar", image_size, mean, std, 2, blur_p, None,
+        crop_scale=crop_scale, flip_p=flip_p, brightness=0.8, contrast=0.8, saturation=0.8,
+        hue=0.2, jitter_p=jitter_p, blur_sigma=blur_sigma,
     )
-    return ViewRecipe("reference-cifar", [spec, spec], mean, std)
 
 
 @VIEW_RECIPES.register("swav")
