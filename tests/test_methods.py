@@ -129,7 +129,8 @@ def test_moco_enqueues_this_steps_keys_after_the_loss():
     method = _method("moco", key_bn_splits=2)
     views = _views()
     initial_queue = method.queue.clone()
-    expected_keys = method.encode_keys(views[1])
+    expected_keys, global_keys = method.encode_keys(views[1])
+    assert torch.equal(expected_keys, global_keys)  # one process: its batch is the global batch
     out = method.training_step(views)
     torch.testing.assert_close(method.queue[:BATCH], expected_keys)
     assert torch.equal(method.queue[BATCH:], initial_queue[BATCH:])
@@ -151,15 +152,15 @@ def test_moco_key_encoder_uses_shuffled_split_batch_norm():
     method = _method("moco", key_bn_splits=1)
     x = _views()[1]
     plain = F.normalize(method.key_projector(method.key_backbone(x)), dim=1)
-    torch.testing.assert_close(method.encode_keys(x), plain)
+    torch.testing.assert_close(method.encode_keys(x)[0], plain)
     method.key_bn_splits = 4
-    split = method.encode_keys(x)
+    split = method.encode_keys(x)[0]
     # Each key is normalised with other samples' statistics, so the keys change...
     assert not torch.allclose(split, plain, atol=1e-3)
     # ...but evaluation-mode BatchNorm does not depend on the batch, so there they agree.
     method.eval()
     torch.testing.assert_close(
-        method.encode_keys(x), F.normalize(method.key_projector(method.key_backbone(x)), dim=1)
+        method.encode_keys(x)[0], F.normalize(method.key_projector(method.key_backbone(x)), dim=1)
     )
     with pytest.raises(ValueError, match="key_bn_splits"):
         method.encode_keys(x[:6])

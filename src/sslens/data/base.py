@@ -99,17 +99,21 @@ class ImageData:
         epoch: int = 0,
         drop_last: bool = False,
         device: torch.device | str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (images (B, H, W, 3) uint8, labels (B,)) on ``device``.
 
         The order depends only on (seed, epoch), so an interrupted run resumes with the same
-        batches it would have seen.
+        batches it would have seen. With ``world_size`` > 1 each batch of ``batch_size`` (the
+        global batch) is cut into ``world_size`` parts and this yields part ``rank``: together
+        the ranks see exactly the batches of one process.
         """
         device = torch.device(device) if device is not None else self.images.device
         # One copy of the order per epoch: a per-batch copy from pageable host memory would make
         # the host wait for the GPU every step, so kernel launches could no longer run ahead.
         order = epoch_order(len(self), shuffle=shuffle, seed=seed, epoch=epoch).to(self.images.device)
-        for index in batch_slices(order, batch_size, drop_last):
+        for index in batch_slices(order, batch_size, drop_last, rank=rank, world_size=world_size):
             yield self.images[index].to(device, non_blocking=True), self.labels[index].to(device)
 
     def num_batches(self, batch_size: int, drop_last: bool) -> int:
@@ -123,10 +127,18 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def batch_slices(order: torch.Tensor, batch_size: int, drop_last: bool) -> list[torch.Tensor]:
-    """``order`` cut into batches of ``batch_size`` (the last one partial unless ``drop_last``)."""
+def batch_slices(
+    order: torch.Tensor, batch_size: int, drop_last: bool, *, rank: int = 0, world_size: int = 1
+) -> list[torch.Tensor]:
+    """``order`` cut into batches of ``batch_size`` (the last one partial unless ``drop_last``);
+    with ``world_size`` > 1, part ``rank`` of each (``tensor_split`` into ``world_size`` parts)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size; got rank {rank}, world_size {world_size}")
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    return [order[start : start + batch_size] for start in range(0, stop, batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, stop, batch_size)]
+    if world_size == 1:
+        return batches
+    return [batch.tensor_split(world_size)[rank] for batch in batches]
 
 
 def load_dataset(name: str, split: str, **options) -> ImageData:

@@ -349,11 +349,17 @@ class StreamingImageData:
         epoch: int = 0,
         drop_last: bool = False,
         device: torch.device | str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images (B, H, W, 3) uint8, labels (B,)) in the same order as ImageData would."""
+        """Yield (images (B, H, W, 3) uint8, labels (B,)) in the same order as ImageData would
+        (``rank``/``world_size``: this rank's part of each global batch, as there)."""
         device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
         order = epoch_order(len(self), shuffle=shuffle, seed=seed, epoch=epoch)
-        batches = [index.tolist() for index in batch_slices(order, batch_size, drop_last)]
+        batches = [
+            index.tolist()
+            for index in batch_slices(order, batch_size, drop_last, rank=rank, world_size=world_size)
+        ]
         loader = torch.utils.data.DataLoader(
             self._file_dataset(),
             batch_sampler=batches,

@@ -52,6 +52,16 @@ class SSLMethod(nn.Module):
     def training_step(self, views: list[torch.Tensor]) -> StepOutput:
         raise NotImplementedError
 
+    def forward(self, views: list[torch.Tensor]) -> StepOutput:
+        """:meth:`training_step`, so ``DistributedDataParallel(method)(views)`` runs a step with
+        DDP's gradient hooks."""
+        return self.training_step(views)
+
+    def global_batchnorm_children(self) -> list[str]:
+        """Names of the children whose BatchNorm should cover the global batch under torchrun
+        (all, by default; MoCo leaves out its key encoder, which shuffles BN instead)."""
+        return [name for name, _ in self.named_children()]
+
     def on_before_optimizer_step(self, step: int) -> None:
         """Called after backward, before the optimiser steps (e.g. SwAV freezes prototypes)."""
 

@@ -29,19 +29,29 @@ def _check_temperature(temperature: float) -> None:
 
 
 def nt_xent_logits(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    *,
+    rank: int = 0,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine-similarity logits of SimCLR's 2N-way problem and the index of each positive.
 
     Args:
-        z1, z2: (N, D) projections of the two views; row i of z1 and row i of z2 are a positive
+        z1, z2: (n, D) projections of the two views; row i of z1 and row i of z2 are a positive
             pair. They need not be normalised.
         temperature: τ.
+        rank, gather: for several processes, this process's rank and a function returning the
+            (N, D) rows of every rank in rank order (``N = size · n``, e.g.
+            :func:`sslens.distributed.gather_with_grad`). The anchors are then this rank's 2n
+            views and the candidates the global 2N; by default (one process) both are the 2n.
 
     Returns:
-        logits: (2N, 2N) with ``logits[a, b] = sim(z_a, z_b) / τ`` over ``z = cat(z1, z2)`` and
-            ``-inf`` on the diagonal, so every anchor has 2N - 1 candidates.
-        targets: (2N,) int64, the column of each anchor's positive (i ↔ i + N).
+        logits: (2n, 2N) with ``logits[a, b] = sim(anchor_a, candidate_b) / τ`` over anchors
+            ``cat(z1, z2)`` and candidates ``cat(gather(z1), gather(z2))``, and ``-inf`` where an
+            anchor meets itself, so every anchor has 2N - 1 candidates.
+        targets: (2n,) int64, the column of each anchor's positive.
     """
     _check_temperature(temperature)
     if z1.ndim != 2 or z1.shape != z2.shape:
@@ -49,12 +59,17 @@ def nt_xent_logits(
             f"z1 and z2 must both be (N, D) with the same shape; got {tuple(z1.shape)} and {tuple(z2.shape)}"
         )
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = z @ z.T / temperature
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    anchors = torch.cat([z1, z2])
+    candidates = anchors if gather is None else torch.cat([gather(z1), gather(z2)])
+    total = candidates.shape[0] // 2
+    logits = anchors @ candidates.T / temperature
+    # Anchor i (view 1) is candidate rank·n + i; its positive is the same image's view 2.
+    index = torch.arange(n, device=z1.device) + rank * n
+    own = torch.cat([index, index + total])
+    self_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, own[:, None], True)
     logits = logits.masked_fill(self_mask, float("-inf"))
-    index = torch.arange(n, device=z.device)
-    targets = torch.cat([index + n, index])
+    targets = torch.cat([index + total, index])
     return logits, targets
 
 
@@ -150,6 +165,7 @@ def sinkhorn(
     epsilon: float = 0.05,
     iterations: int = 3,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    all_reduce_max: Callable[[torch.Tensor], torch.Tensor] = _identity,
 ) -> torch.Tensor:
     """SwAV's Sinkhorn-Knopp codes: (B, K) prototype scores → (B, K) soft assignments.
 
@@ -170,6 +186,8 @@ def sinkhorn(
         iterations: Sinkhorn-Knopp iterations.
         all_reduce: sums a tensor over all processes; applied to every sum over the batch (and to
             the batch size) so B is the global batch. Identity on one device.
+        all_reduce_max: the element-wise maximum over all processes, for the stabilising shift,
+            so every process subtracts the same global maximum. Identity on one device.
 
     Returns:
         (B, K) codes in float32 (float64 if ``scores`` is float64), whatever the input dtype:
@@ -179,10 +197,9 @@ def sinkhorn(
     cancels in the first normalisation, so the result is the same as without it and nothing
     overflows. Underflow remains possible only if a prototype's (or a sample's) scores all lie
     more than ~87·ε below the maximum (float32), which cosine scores (range 2) cannot do at
-    ε >= 0.03; the codes are then NaN, as in the official code. (With several
-    processes, each subtracts its own maximum, which rescales its samples' columns; the
-    converged codes are unchanged, the 3-iteration ones differ slightly. The distributed
-    version should all-reduce the maximum too.)
+    ε >= 0.03; the codes are then NaN, as in the official code. With several processes the
+    maximum is the global one (``all_reduce_max``): a per-process maximum would rescale each
+    process's columns and change the 3-iteration codes.
     """
     if scores.ndim != 2:
         raise ValueError(f"scores must be (B, K); got shape {tuple(scores.shape)}")
@@ -193,7 +210,7 @@ def sinkhorn(
     dtype = torch.promote_types(scores.dtype, torch.float32)
     logits = scores.to(dtype) / epsilon
     # Qᵀ of the paper, (K, B), as in the official code.
-    q = torch.exp(logits - logits.max()).T
+    q = torch.exp(logits - all_reduce_max(logits.max())).T
     num_prototypes = q.shape[0]
     batch = all_reduce(torch.tensor(float(q.shape[1]), dtype=dtype, device=q.device))
     q = q / all_reduce(q.sum())

@@ -21,6 +21,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from sslens.distributed import gather_no_grad, world
 from sslens.methods.base import METHODS, SSLMethod, StepOutput
 from sslens.methods.losses import (
     MOMENTUM_SCHEDULES,
@@ -58,7 +59,9 @@ class MoCo(SSLMethod):
             seeded permutation and sent through the key encoder in ``key_bn_splits`` chunks, so
             a key is normalised with the statistics of a different, random subset of the batch
             than its query. 1 disables it. Default 4: each chunk should keep >= 32 images at
-            the usual CIFAR batch sizes (128-512) for stable statistics.
+            the usual CIFAR batch sizes (128-512) for stable statistics. Under torchrun the
+            shuffle spans all ranks (see :meth:`encode_keys`) and this is the number of groups
+            per rank.
         seed: seeds the initial random queue and the key-shuffling permutations (each step's
             permutation depends on (seed, step count), so resuming from a checkpoint repeats it).
 
@@ -113,19 +116,38 @@ class MoCo(SSLMethod):
         self.seed = seed
 
     @torch.no_grad()
-    def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) → (B, out_dim) unit-norm keys from the momentum encoder, shuffled BN."""
-        if self.key_bn_splits == 1:
-            return F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
+    def encode_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm keys from the momentum encoder with shuffled BN.
+
+        Args:
+            x: (b, 3, H, W) this process's key images.
+
+        Returns:
+            (b, out_dim) the keys of ``x``, and (N, out_dim) the keys of the global batch in its
+            order (N = ranks · b; the same tensor on one process), which all go into the queue.
+
+        Shuffled BN: the global batch is permuted with a permutation every rank computes
+        alike from (seed, step); rank r encodes the r-th slice of it, in ``key_bn_splits``
+        BatchNorm groups; the keys are gathered and un-permuted. With R ranks this is the
+        official ``_batch_shuffle_ddp``, and it equals one process with ``key_bn_splits`` · R.
+        """
+        current = world()
+        if self.key_bn_splits == 1 and not current.distributed:
+            keys = F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
+            return keys, keys
         if len(x) < 2 * self.key_bn_splits:
             raise ValueError(
                 f"MoCo key_bn_splits={self.key_bn_splits} needs a batch of at least "
-                f"{2 * self.key_bn_splits} images; got {len(x)}. Lower key_bn_splits or raise the batch size."
+                f"{2 * self.key_bn_splits} images per process; got {len(x)}. Lower key_bn_splits "
+                f"or raise the batch size."
             )
-        order = step_permutation(len(x), self.num_steps, self.seed)
-        chunks = x[order].chunk(self.key_bn_splits)
-        keys = torch.cat([self.key_projector(self.key_backbone(chunk)) for chunk in chunks])
-        return F.normalize(keys[order.argsort()], dim=1)
+        images = gather_no_grad(x)
+        order = step_permutation(len(images), self.num_steps, self.seed)
+        rows = slice(current.rank * len(x), (current.rank + 1) * len(x))
+        chunks = images[order[rows]].chunk(self.key_bn_splits)
+        mine = torch.cat([self.key_projector(self.key_backbone(chunk)) for chunk in chunks])
+        everyone = F.normalize(gather_no_grad(mine)[order.argsort()], dim=1)
+        return everyone[rows], everyone
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -153,14 +175,18 @@ class MoCo(SSLMethod):
         check_views(views, 2, "MoCo", self.default_views)
         pairs = [(views[0], views[1])] + ([(views[1], views[0])] if self.symmetric else [])
         keys = [self.encode_keys(key_images) for _, key_images in pairs]
-        outputs = [self._direction(q, k) for (q, _), k in zip(pairs, keys, strict=True)]
+        outputs = [self._direction(q, k) for (q, _), (k, _) in zip(pairs, keys, strict=True)]
         loss = sum(F.cross_entropy(lg, tg) for lg, tg in outputs) / len(outputs)
         top1 = sum(positive_pair_top1(lg, tg) for lg, tg in outputs) / len(outputs)
         if self.training:
             # After the loss: the current batch's keys must not be their own negatives.
-            self.enqueue(torch.cat(keys))
+            self.enqueue(torch.cat([global_keys for _, global_keys in keys]))
             self.num_steps += 1
         return StepOutput(loss, {"positive_pair_top1": top1})
+
+    def global_batchnorm_children(self) -> list[str]:
+        """The query encoder only: the key encoder's shuffled BN must stay per group."""
+        return ["backbone", "projector"]
 
     def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Momentum update of the key encoder (eq. 2) with this step's coefficient."""

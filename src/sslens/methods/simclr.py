@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sslens.distributed import gather_with_grad, world
 from sslens.methods.base import METHODS, SSLMethod, StepOutput
 from sslens.methods.losses import nt_xent_logits, positive_pair_top1
 from sslens.models.base import Backbone
@@ -69,7 +70,9 @@ class SimCLR(SSLMethod):
 
     Departures from the paper: the head uses BatchNorm on its hidden layer as the official
     implementation does; BatchNorm statistics are computed over both views together (one
-    forward of 2N images), as a single device sees the whole batch.
+    forward of 2N images). Under torchrun the negatives are every rank's views
+    (:func:`sslens.distributed.gather_with_grad`, gradients included) and, with the loop's
+    ``sync_batchnorm``, BatchNorm covers the global batch, as the paper's "global BN".
     """
 
     default_views = "simclr"
@@ -92,6 +95,9 @@ class SimCLR(SSLMethod):
         """views: two (B, 3, H, W) augmentations of the same B images, in the same order."""
         check_views(views, 2, "SimCLR", self.default_views)
         z1, z2 = self.project(torch.cat(views)).chunk(2)
-        logits, targets = nt_xent_logits(z1, z2, self.temperature)
+        # Under torchrun every rank's views are negatives for every other's, with gradients.
+        current = world()
+        gather = gather_with_grad if current.distributed else None
+        logits, targets = nt_xent_logits(z1, z2, self.temperature, rank=current.rank, gather=gather)
         loss = torch.nn.functional.cross_entropy(logits, targets)
         return StepOutput(loss, {"positive_pair_top1": positive_pair_top1(logits, targets)})

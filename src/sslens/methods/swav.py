@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslens.distributed import all_reduce_max, all_reduce_sum
 from sslens.methods.base import METHODS, SSLMethod, StepOutput
 from sslens.methods.losses import sinkhorn, swav_loss
 from sslens.methods.simclr import check_positive
@@ -64,6 +65,10 @@ class SwAV(SSLMethod):
 
     Buffers: ``queue`` (num_global, queue_length, out_dim), newest first; ``queue_count``
     entries filled; ``num_steps`` training steps seen.
+
+    Under torchrun, Sinkhorn normalises over the global batch (its sums and its stabilising
+    maximum are all-reduced, as the official ``distributed_sinkhorn``), and each rank keeps its
+    own queue of its own batches, as the official code does.
     """
 
     default_views = "swav"
@@ -154,7 +159,11 @@ class SwAV(SSLMethod):
             crop_scores = scores[i].detach()
             if use_queue:
                 crop_scores = torch.cat([self.prototypes(self.queue[i]), crop_scores])
-            q = sinkhorn(crop_scores, self.epsilon, self.sinkhorn_iterations)
+            # Equipartition over the global batch: every batch sum is summed over the ranks.
+            q = sinkhorn(
+                crop_scores, self.epsilon, self.sinkhorn_iterations,
+                all_reduce=all_reduce_sum, all_reduce_max=all_reduce_max,
+            )
             codes.append(q[-batch:])
         if self.training and self.queue.shape[1] > 0:
             self.push_queue(torch.stack(projections[: self.num_global]).detach())

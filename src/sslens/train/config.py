@@ -54,6 +54,9 @@ class TrainConfig:
         seed: seeds data order, augmentations and initialisation.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N" or "mps".
         compile: torch.compile the backbones (never the optimiser step).
+        sync_batchnorm: under torchrun, BatchNorm statistics over the global batch (as one
+            process on the whole batch; SimCLR's "global BN"); False keeps per-process
+            statistics. MoCo's key encoder keeps its shuffled BN either way.
         knn_every: run the held-out kNN monitor every this many epochs (0 = off).
         knn_k, knn_temperature: neighbours and temperature of the kNN monitor.
         log_every: write a log record every this many steps.
@@ -86,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    sync_batchnorm: bool = True
     knn_every: int = 10
     knn_k: int = 200
     knn_temperature: float = 0.1

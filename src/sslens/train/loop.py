@@ -16,6 +16,13 @@ Speed: an in-memory dataset is moved to the device once; every batch has the sam
 channels_last under bf16 autocast; on the CPU it runs in fp32. ``compile`` compiles the
 method's sub-modules (backbones and heads), never the optimiser step, so the learning rate
 changing every step does not recompile anything.
+
+Several processes: under ``torchrun`` (see :mod:`sslens.distributed`) ``batch_size`` is the
+global batch; rank r trains on part r of every global batch with its own view generator, the
+method runs inside DistributedDataParallel with BatchNorm over the global batch
+(``sync_batchnorm``), the kNN monitor embeds each rank's share of the images, and rank 0 alone
+writes the config, log, checkpoints and model. Checkpoints hold no per-rank state, so a run
+resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -33,6 +40,15 @@ from typing import Any
 
 import torch
 
+from sslens.distributed import (
+    barrier,
+    broadcast_object,
+    convert_sync_batchnorm,
+    gather_sharded_rows,
+    init_distributed,
+    mean_over_ranks,
+    world,
+)
 from sslens.errors import UserError
 from sslens.train.checkpoint import (
     latest_checkpoint,
@@ -241,7 +257,8 @@ class _RunLog:
 class _Meter:
     """Sums of the loss and metrics kept on the device; read (one sync) only when logged."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
@@ -258,21 +275,34 @@ class _Meter:
         self.images += images
 
     def read(self) -> dict[str, float]:
+        """Means since the last reset; under torchrun, also averaged over the ranks (every rank
+        must call this at the same step)."""
         keys = list(self.sums)
         values = torch.stack([self.sums[k] for k in keys]).div(self.steps).tolist()  # sync point
         elapsed = time.perf_counter() - self.started
-        return {**dict(zip(keys, values, strict=True)), "images_per_s": self.images / max(elapsed, 1e-9)}
+        means = mean_over_ranks(dict(zip(keys, values, strict=True)), self.device)
+        return {**means, "images_per_s": self.images / max(elapsed, 1e-9)}
 
 
 def _knn_monitor(method: Any, train_data: Any, test_data: Any, config: TrainConfig, device: torch.device) -> float:
-    """Held-out kNN top-1 of the pooled representation, un-augmented train split as memory bank."""
+    """Held-out kNN top-1 of the pooled representation, un-augmented train split as memory bank.
+
+    Under torchrun each rank embeds its share of the images and the features are gathered, so
+    the monitor stalls training for 1/ranks of the single-device time.
+    """
     from sslens.evaluate.features import extract_features, labels_of
     from sslens.evaluate.knn import knn_top1
 
     encoder = method.encoder("pooled")
-    batch_size = max(config.batch_size, 256)
-    train_features = extract_features(encoder, train_data, batch_size=batch_size, device=device)
-    test_features = extract_features(encoder, test_data, batch_size=batch_size, device=device)
+    batch_size = max(config.batch_size // world().size, 256)
+
+    def features(data: Any) -> torch.Tensor:
+        current = world()
+        mine = data if not current.distributed else data.subset(torch.arange(current.rank, len(data), current.size))
+        rows = extract_features(encoder, mine, batch_size=batch_size, device=device)
+        return gather_sharded_rows(rows, len(data), device)
+
+    train_features, test_features = features(train_data), features(test_data)
     return knn_top1(
         train_features, labels_of(train_data), test_features, labels_of(test_data),
         k=config.knn_k, temperature=config.knn_temperature, num_classes=len(train_data.class_names),
@@ -304,8 +334,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig (see sslens.train.load_config); got {type(config).__name__}")
     run_dir = Path(config.out)
-    _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    device = resolve_device(config.device)
+    device = init_distributed(resolve_device(config.device))
+    current = world()
+    if config.batch_size % current.size:
+        raise UserError(
+            f"batch_size {config.batch_size} is the global batch and must divide evenly over the "
+            f"{current.size} processes; use a multiple of {current.size}."
+        )
+    _on_main(lambda: _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite))
     on_cuda = device.type == "cuda"
 
     with _kernel_settings(config.deterministic, device):
@@ -319,6 +355,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         with _user_input("method_options"):
             method = create_method(config.method, backbone, **method_options)
         method = method.to(device, memory_format=torch.channels_last) if on_cuda else method.to(device)
+        if current.distributed and config.sync_batchnorm:
+            synchronise_batchnorm(method, device)
         views_name = config.views or method.default_views
         views_options = _with_default_seed(VIEW_RECIPES.get(views_name), config.views_options, config.seed)
         with _user_input(f"views_options for the {views_name!r} recipe"):
@@ -350,8 +388,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, step = int(state["epoch"]), int(state["step"])
             _set_rng_state(state["rng"])
-        save_config(config, run_dir / "config.yaml")
-        log = _RunLog(run_dir / "log.jsonl", keep_until_step=step if resume else None)
+        log = None
+        if current.is_main:
+            save_config(config, run_dir / "config.yaml")
+            log = _RunLog(run_dir / "log.jsonl", keep_until_step=step if resume else None)
 
         def meta_now(epoch: int) -> dict[str, Any]:
             return {
@@ -374,36 +414,41 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         if config.compile:
             for module in method.children():
                 module.compile()
+        model = data_parallel(method, device) if current.distributed else method
 
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
         )
         epoch = start_epoch
-        with Progress(total_steps, initial_step=step, bar=config.progress) as progress:
+        with Progress(total_steps, initial_step=step, bar=config.progress, silent=not current.is_main) as progress:
             if start_epoch > 0:
                 progress.message(f"resumed {run_dir} at epoch {start_epoch}, step {step}")
             while epoch < config.epochs and step < total_steps:
                 method.train()
-                generator = torch.Generator(device=device).manual_seed(_epoch_seed(config.seed, epoch))
-                epoch_meter, window = _Meter(), _Meter()
+                # Each rank draws its own views: rank r's seed is offset by r · 2^32.
+                generator = torch.Generator(device=device).manual_seed(
+                    _epoch_seed(config.seed, epoch) + current.rank * 2**32
+                )
+                epoch_meter, window = _Meter(device), _Meter(device)
                 batches = train_data.iter_batches(
                     config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-                    drop_last=True, device=device,
+                    drop_last=True, device=device, rank=current.rank, world_size=current.size,
                 )
                 lr = config.lr
                 for images, _ in batches:
                     lr = lr_at(step, total_steps, warmup_steps, config.lr, config.min_lr)
                     set_lr(optimizer, lr)
                     views = recipe(images, generator)
-                    output = train_step(method, optimizer, views, step, total_steps, autocast=autocast)
+                    output = train_step(method, optimizer, views, step, total_steps, autocast=autocast, model=model)
                     step += 1
-                    epoch_meter.add(output.loss, output.metrics, len(images))
-                    window.add(output.loss, output.metrics, len(images))
+                    epoch_meter.add(output.loss, output.metrics, len(images) * current.size)
+                    window.add(output.loss, output.metrics, len(images) * current.size)
                     progress.advance()
                     if step % config.log_every == 0:
                         record = {"kind": "step", "epoch": epoch + 1, "step": step, "lr": lr, **window.read()}
                         _check_finite(record)
-                        log.write(record)
+                        if log is not None:
+                            log.write(record)
                         progress.report(record)
                         window.reset()
                     if step >= total_steps:
@@ -415,9 +460,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                 _check_finite(record)
                 if test_data is not None and (epoch % config.knn_every == 0 or epoch == config.epochs):
                     record["knn_top1"] = _knn_monitor(method, train_data, test_data, config, device)
-                log.write(record)
+                if log is not None:
+                    log.write(record)
                 progress.report(record)
-                if finished_epoch and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+                if finished_epoch and (epoch % config.checkpoint_every == 0 or epoch == config.epochs) and current.is_main:
                     state = {
                         "optimizer": optimizer.state_dict(),
                         "epoch": epoch,
@@ -427,9 +473,42 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                     }
                     save_checkpoint(run_dir, method, meta_now(epoch), state, keep=config.keep_checkpoints)
                     _drop_replaced(run_dir)
-        save_model(run_dir / "model", method, meta_now(epoch))
-        _drop_replaced(run_dir)
+        if current.is_main:
+            save_model(run_dir / "model", method, meta_now(epoch))
+            _drop_replaced(run_dir)
+        # No rank returns before the model is on disk: callers (the study) read it next.
+        barrier()
     return run_dir
+
+
+def synchronise_batchnorm(method: Any, device: torch.device) -> None:
+    """Make the BatchNorm of ``method.global_batchnorm_children()`` cover the global batch."""
+    for name in method.global_batchnorm_children():
+        setattr(method, name, convert_sync_batchnorm(getattr(method, name), device))
+
+
+def data_parallel(method: Any, device: torch.device) -> torch.nn.Module:
+    """``method`` wrapped in DistributedDataParallel, the model :func:`train_step` runs."""
+    # Buffers are not broadcast each step: MoCo's queue receives the gathered keys on every
+    # rank, SwAV's queue is per rank by design, and synchronised BatchNorm keeps the running
+    # statistics equal.
+    return torch.nn.parallel.DistributedDataParallel(
+        method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+    )
+
+
+def _on_main(action: Any) -> None:
+    """Run ``action`` on rank 0 only; a UserError there is raised on every rank, so none waits
+    forever for a rank that gave up."""
+    error = None
+    if world().is_main:
+        try:
+            action()
+        except UserError as raised:
+            error = str(raised)
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
 
 
 def _check_finite(record: dict[str, Any]) -> None:
@@ -449,17 +528,20 @@ def train_step(
     total_steps: int,
     *,
     autocast: contextlib.AbstractContextManager,
+    model: torch.nn.Module | None = None,
 ) -> Any:
     """One optimiser step of ``method`` on ``views`` (the whole loop body but data and logging).
 
     On CUDA the views go channels_last to match the model; ``autocast`` is bf16 there and a
-    no-op on the CPU. Shared with ``benchmarks/train_throughput.py`` so the benchmark times
-    exactly what training runs.
+    no-op on the CPU. ``model`` is what runs the forward pass: ``method`` itself, or its
+    ``DistributedDataParallel`` wrapper under torchrun (whose hooks average the gradients).
+    Shared with ``benchmarks/train_throughput.py`` so the benchmark times exactly what training
+    runs.
     """
     if views[0].is_cuda:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     with autocast:
-        output = method.training_step(views)
+        output = (model if model is not None else method)(views)
     optimizer.zero_grad(set_to_none=True)
     output.loss.backward()
     method.on_before_optimizer_step(step)

@@ -43,16 +43,18 @@ class Progress:
         initial_step: steps already done (on resume).
         bar: True for a rich bar, False for plain lines, "auto" for a bar only on a terminal.
         stream: where plain lines go.
+        silent: show nothing (every rank but the first under torchrun).
     """
 
     def __init__(self, total_steps: int, *, initial_step: int = 0, bar: bool | str = "auto",
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, silent: bool = False):
         if bar not in (True, False, "auto"):
             raise ValueError(f"bar must be True, False or 'auto'; got {bar!r}")
         self.stream = stream if stream is not None else sys.stdout
         self.total_steps = total_steps
         self.initial_step = initial_step
-        self.use_bar = self.stream.isatty() if bar == "auto" else bool(bar)
+        self.silent = silent
+        self.use_bar = not silent and (self.stream.isatty() if bar == "auto" else bool(bar))
         self._started = time.perf_counter()
         self._bar = None
         self._task = None
@@ -88,6 +90,8 @@ class Progress:
 
     def report(self, record: dict[str, Any]) -> None:
         """Show a log record: in the bar's status, or as a plain line with an ETA."""
+        if self.silent:
+            return
         if self._bar is not None:
             status = f"loss {record['loss']:.4f}"
             if record.get("images_per_s") is not None:
@@ -104,6 +108,8 @@ class Progress:
         print(line, file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
+        if self.silent:
+            return
         if self._bar is not None:
             self._bar.console.print(text)
         else:
