@@ -221,3 +221,24 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(tmp_path):
     assert (run / ".replaced-run" / "checkpoints" / "epoch-0001").is_dir()
     with pytest.raises(UserError, match="parked by an earlier --overwrite"):
         train(tiny_config(run, method="simclr"), overwrite=True)
+
+
+def test_compiled_training_never_recompiles(tmp_path, monkeypatch):
+    """A learning rate that changes every step, a dropped last partial batch and the kNN monitor
+    (evaluation mode, no gradients, other batch sizes) must not recompile the training graphs:
+    exactly one graph per compiled child (backbone, projector) for the whole run. The "eager"
+    dynamo backend keeps this fast; guards and recompilation work exactly as with inductor."""
+    from torch._dynamo.utils import counters
+
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **options: compile_module(self, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    config = load_config("simclr-synthetic", {
+        "data_options.num_images": 100, "batch_size": 32, "epochs": 2, "knn_every": 1, "knn_k": 5,
+        "compile": True, "progress": False, "out": str(tmp_path / "run"),
+    })
+    train(config)
+    torch._dynamo.reset()
+    assert dict(counters["frames"]) == {"total": 2, "ok": 2}
+    assert counters["stats"]["unique_graphs"] == 2

@@ -284,6 +284,22 @@ class _Meter:
         return {**means, "images_per_s": self.images / max(elapsed, 1e-9)}
 
 
+class _Eager(torch.nn.Module):
+    """Runs ``module``'s own ``forward``, bypassing its ``torch.compile`` wrapper.
+
+    The monitor runs in evaluation mode, without gradients, at another batch size: through the
+    compiled training graph each of those would trigger a recompilation (and a last partial
+    batch another), stalling training far longer than the few eager evaluation batches take.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.forward(x)
+
+
 def _knn_monitor(method: Any, train_data: Any, test_data: Any, config: TrainConfig, device: torch.device) -> float:
     """Held-out kNN top-1 of the pooled representation, un-augmented train split as memory bank.
 
@@ -293,7 +309,7 @@ def _knn_monitor(method: Any, train_data: Any, test_data: Any, config: TrainConf
     from sslens.evaluate.features import extract_features, labels_of
     from sslens.evaluate.knn import knn_top1
 
-    encoder = method.encoder("pooled")
+    encoder = _Eager(method.encoder("pooled"))
     batch_size = max(config.batch_size // world().size, 256)
 
     def features(data: Any) -> torch.Tensor:
@@ -365,7 +381,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                 **views_options,
             )
         optimizer = create_optimizer(
-            config.optimizer, method, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
+            config.optimizer, method, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
+            fused=on_cuda,
         )
 
         steps_per_epoch = train_data.num_batches(config.batch_size, drop_last=True)

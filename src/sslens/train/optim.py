@@ -119,54 +119,73 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is None:
-                    continue
-                update = parameter.grad.add(parameter, alpha=group["weight_decay"])
-                if group["lars_adapt"]:
-                    weight_norm = torch.linalg.vector_norm(parameter)
-                    update_norm = torch.linalg.vector_norm(update)
-                    # torch.where instead of an `if`: no CPU-GPU sync to read the norms.
-                    ratio = torch.where(
-                        (weight_norm > 0) & (update_norm > 0),
-                        group["trust_coefficient"] * weight_norm / update_norm,
-                        torch.ones_like(weight_norm),
-                    )
-                    update = update.mul_(ratio)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # One multi-tensor (foreach) kernel per operation for the whole group instead of a
+            # handful of launches per parameter: on a GPU a ResNet-18 step would otherwise pay
+            # ~300 tiny kernel launches here.
+            updates = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])
+            if group["lars_adapt"]:
+                weight_norms = torch.stack(torch._foreach_norm(params))
+                update_norms = torch.stack(torch._foreach_norm(updates))
+                # torch.where instead of an `if`: no CPU-GPU sync to read the norms.
+                ratios = torch.where(
+                    (weight_norms > 0) & (update_norms > 0),
+                    group["trust_coefficient"] * weight_norms / update_norms,
+                    torch.ones_like(weight_norms),
+                )
+                torch._foreach_mul_(updates, list(ratios.unbind()))
+            buffers = []
+            for parameter in params:
                 state = self.state[parameter]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(parameter)
-                buffer = state["momentum_buffer"]
-                buffer.mul_(group["momentum"]).add_(update)
-                parameter.add_(buffer, alpha=-group["lr"])
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
         return loss
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(groups: list[dict], *, lr: float, momentum: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+def _sgd(groups: list[dict], *, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused or None)
 
 
 @OPTIMIZERS.register("lars")
-def _lars(groups: list[dict], *, lr: float, momentum: float) -> torch.optim.Optimizer:
+def _lars(groups: list[dict], *, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
+    # Already multi-tensor (foreach) on every device; there is no fused LARS kernel.
     return LARS(groups, lr=lr, momentum=momentum)
 
 
 @OPTIMIZERS.register("adam")
-def _adam(groups: list[dict], *, lr: float, momentum: float) -> torch.optim.Optimizer:
+def _adam(groups: list[dict], *, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
     # Adam's L2 penalty enters the adaptive moments (coupled decay), unlike AdamW.
-    return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.Adam(groups, lr=lr, fused=fused or None)
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(groups: list[dict], *, lr: float, momentum: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=lr)
+def _adamw(groups: list[dict], *, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def create_optimizer(
-    name: str, module: nn.Module, *, lr: float, weight_decay: float, momentum: float = 0.9
+    name: str,
+    module: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
     """Build optimiser ``name`` ("sgd", "lars", "adam", "adamw") over ``module``'s trainable
     parameters, grouped by :func:`parameter_groups`. ``momentum`` is used by SGD and LARS.
+
+    ``fused``: PyTorch's fused CUDA kernels for SGD, Adam and AdamW (one launch for the whole
+    update; the training loop turns it on for CUDA). The learning rate stays a Python float
+    read at every step, so changing it never recompiles or re-captures anything.
     """
-    return OPTIMIZERS.create(name, parameter_groups(module, weight_decay), lr=lr, momentum=momentum)
+    return OPTIMIZERS.create(
+        name, parameter_groups(module, weight_decay), lr=lr, momentum=momentum, fused=fused
+    )
