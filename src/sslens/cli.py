@@ -35,6 +35,10 @@ def train_command(
         help="YAML config file, or the name of a packaged one (e.g. simclr-synthetic). "
         "Flags and --set override its values. With --resume and no --config, RUN/config.yaml is used.",
     )] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="A packaged recipe for --method (default simclr), e.g. cifar10-fast: the config "
+        "<method>-<preset>. Instead of --config.",
+    )] = None,
     method: Annotated[str | None, typer.Option(help="Self-supervised method: simclr, moco or swav.")] = None,
     backbone: Annotated[str | None, typer.Option(help="Encoder, e.g. resnet18-cifar, resnet50, resnet-tiny.")] = None,
     data: Annotated[str | None, typer.Option(help="Dataset source: synthetic, cifar10 or imagefolder.")] = None,
@@ -75,6 +79,8 @@ def train_command(
     for text in set_ or []:
         key, value = parse_assignment(text)
         overrides[key] = value
+    if preset is not None:
+        config = _preset_config(preset, method or "simclr", config)
     if resume and config is None:
         if "out" not in overrides:
             raise UserError("--resume needs --out RUN (the run directory to continue).")
@@ -83,6 +89,21 @@ def train_command(
             raise UserError(f"Nothing to resume: {config} does not exist. Drop --resume to start a new run.")
     run_dir = train(load_config(config, overrides), resume=resume, overwrite=overwrite)
     typer.echo(f"Run finished: {run_dir} (model in {run_dir / 'model'}; evaluate with `sslens evaluate {run_dir}`)")
+
+
+def _preset_config(preset: str, method: str, config: Path | None) -> Path:
+    """The packaged config ``<method>-<preset>``; a clear error if there is none."""
+    from sslens.train.config import packaged_configs, resolve_config_path
+
+    if config is not None:
+        raise UserError("--preset and --config both choose the config; pass only one.")
+    name = f"{method}-{preset}"
+    if name not in packaged_configs():
+        presets = sorted({c.split("-", 1)[1] for c in packaged_configs() if c.startswith(f"{method}-")})
+        raise UserError(
+            f"There is no preset {preset!r} for {method}. Presets for {method}: {', '.join(presets)}."
+        )
+    return resolve_config_path(name)
 
 
 @app.command("evaluate")
@@ -195,11 +216,18 @@ def explain_command(
     from sslens.explain.run import explain_images
 
     if format is not None:
+        from sslens.distributed import broadcast_object, init_distributed, world
+        from sslens.explain.run import resolve_device
         from sslens.models.imports import import_cached
 
         if model is None:
             raise UserError("--format names the layout of MODEL; pass the checkpoint file as MODEL.")
-        model = str(import_cached(model, format, arch=arch or "resnet50", timm_name=timm_name))
+        # Under torchrun rank 0 imports into the shared cache and the others use its folder,
+        # rather than all writing the same folder at once.
+        init_distributed(resolve_device(device))
+        model = broadcast_object(
+            str(import_cached(model, format, arch=arch or "resnet50", timm_name=timm_name)) if world().is_main else None
+        )
         arch = None
     explain_images(
         model, image, method=method, out_dir=out, reference=reference, layer=layer,
@@ -230,11 +258,14 @@ def import_command(
 
 
 def _run_study_command(config, out: Path, progress: bool | None) -> None:
+    from sslens.distributed import world
     from sslens.study import format_tradeoff, run_study
 
     outcome = run_study(config, out, progress="auto" if progress is None else progress)
-    typer.echo(format_tradeoff(outcome.tradeoff))
-    typer.echo(f"Report: {outcome.report} (numbers in {outcome.results}; {outcome.seconds:.0f} s)")
+    # Under torchrun every rank returns the same outcome; rank 0 tells it.
+    if world().is_main:
+        typer.echo(format_tradeoff(outcome.tradeoff))
+        typer.echo(f"Report: {outcome.report} (numbers in {outcome.results}; {outcome.seconds:.0f} s)")
 
 
 @app.command("study")
@@ -289,3 +320,14 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"sslens: error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group the command joined (NCCL warns at exit otherwise)."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -11,6 +11,11 @@ Explainer options are matched to the explainer by its signature, so a new regist
 needs no change here: ``--layer`` goes to explainers with a ``layer`` option, ``--reference`` to
 those whose call takes a ``reference`` (the CAM family), and so on.
 
+Under ``torchrun --nproc_per_node=N -m sslens explain ...`` each process explains every N-th
+image and writes its files; rank 0 prints what all of them wrote. Every image is explained in a
+call of its own with the same seed (masks and augmented views are drawn anew per call), and
+output names come from the whole list, so the files are those of a single process.
+
 >>> explain_images("runs/simclr", ["cat.jpg"], method="gradcam", reference="augmented")  # doctest: +SKIP
 [PosixPath('explanations/cat_gradcam.npz'), PosixPath('explanations/cat_gradcam.png')]
 """
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 
 from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
+from sslens.distributed import gather_objects, init_distributed, shard, unshard, world
 from sslens.errors import UserError
 
 # Imported for their side effect: each registers its explainers in EXPLAINERS.
@@ -240,10 +246,11 @@ def explain_images(
         seed: seeds masks and augmented views.
         device: "auto", "cpu", "cuda", ...
 
-    Returns the paths written, npz then png for each image. Bad input raises
-    :class:`~sslens.errors.UserError` with a message saying what to change.
+    Returns the paths written, npz then png for each image (under torchrun: by all processes).
+    Bad input raises :class:`~sslens.errors.UserError` with a message saying what to change.
     """
-    torch_device = resolve_device(device)
+    torch_device = init_distributed(resolve_device(device))
+    current = world()
     if method not in EXPLAINERS:
         raise UserError(f"Unknown method {method!r}. Valid methods: {', '.join(EXPLAINERS.names())}.")
     files = list_image_files(images)
@@ -262,8 +269,9 @@ def explain_images(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for path, stem in zip(files, _unique_stems(files), strict=True):
+    # Stems are made unique over the whole list before it is split, so names do not depend on N.
+    mine: list[tuple[list[Path], str]] = []  # (paths written, what was done) per image of this rank
+    for path, stem in shard(list(zip(files, _unique_stems(files), strict=True)), current):
         tensor, preprocessing = load(path)
         batch = tensor[None].to(torch_device)
         explanation = explainer(batch, **call_kwargs)
@@ -289,6 +297,13 @@ def explain_images(
             out / f"{stem}_{method}.png", image, _maps(method, explanation, size),
             title=f"{method} · {path.name} · {source.get('model') or source.get('weights')}",
         )
-        print(f"{path}: wrote {npz_path} and {png_path}")
-        written += [npz_path, png_path]
-    return written
+        line = f"{path}: wrote {npz_path} and {png_path}"
+        if not current.distributed:
+            print(line)
+        mine.append(([npz_path, png_path], line))
+    done = unshard(gather_objects(mine), len(files))
+    if current.distributed and current.is_main:
+        for _, line in done:
+            print(line)
+        print(f"{current.size} processes explained {len(files)} images into {out}")
+    return [written for paths, _ in done for written in paths]

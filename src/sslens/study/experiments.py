@@ -9,6 +9,10 @@ stage redraws without recomputing. The trade-off table has no ``run``: it summar
 Every explainer explains the *pooled* representation (``method.encoder("pooled")``), what kNN
 and the linear probe evaluate; t-SNE shows both the pooled and the projection-head output.
 
+Under ``torchrun`` the explanation experiments split their images across the ranks (through
+:meth:`StudyContext.explain_fn` and :mod:`sslens.study.sharding`) and every rank gets all maps
+back, so each rank computes the same result; the other experiments run whole on every rank.
+
 To add an experiment, write its ``run`` and ``section`` functions and register them with
 :func:`register_experiment`; list it in :data:`DEFAULT_EXPERIMENTS` to run it by default.
 """
@@ -26,6 +30,7 @@ from sslens.study import sections
 from sslens.study.cache import StageResult
 from sslens.study.context import StudyContext
 from sslens.study.models import StudyModel
+from sslens.study.sharding import explain_rows
 
 EXPERIMENTS = Registry("experiment")
 
@@ -260,7 +265,7 @@ def perceptual(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
     explainer = EXPLAINER_SPECS.get("perceptual").factory(
         _pooled(ctx, model), seed=ctx.seed, mean=ctx.mean, std=ctx.std, **options
     )
-    explanation = explainer(images, depth=depth)
+    explanation = explain_rows(explainer, images, depth=depth)
     components = {}
     for name, maps in explanation.components.items():
         per_image = maps.flatten(1).mean(1)
@@ -309,7 +314,7 @@ def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples:
             kinds.append((kind, anchor, partner))
     first, second = torch.cat(firsts), torch.cat(seconds)
     cam = SimilarityCAM(_pooled(ctx, model), symmetric=True, seed=ctx.seed, **ctx.config.explainers.get("gradcam", {}))
-    explanation = cam(first, reference=second)
+    explanation = explain_rows(cam, first, per_image_info=("similarity",), reference=second)
     results = {
         "pairs": [
             {"kind": kind, "image": a, "partner": b, "similarity": s}

@@ -6,6 +6,10 @@ what is learned). When ``OUT/models/<name>/`` holds a run with another config, t
 trained into ``OUT/models/<name>-<config hash>/`` instead, so a finished run is never replaced
 silently; the next study with the original config finds it again. An interrupted run with the
 same config is resumed from its latest checkpoint.
+
+Under ``torchrun`` rank 0 makes these decisions (and imports published checkpoints) and hands
+them to the other ranks, which then train with it and load the same files: deciding on every
+rank could diverge once rank 0 has started writing the run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 import yaml
 
+from sslens.distributed import barrier, broadcast_object, world
 from sslens.study.cache import digest, file_sha256
 from sslens.study.config import ModelSpec
 from sslens.train.checkpoint import latest_checkpoint, load_model, resolve_model_file
@@ -103,6 +108,17 @@ def training_seconds(run_dir: Path) -> float | None:
     return float(sum(epochs.values())) if epochs else None
 
 
+def _training_plan(models_root: Path, spec: ModelSpec) -> tuple[Path, tuple[bool, bool] | None]:
+    """(run directory, (resume, overwrite) for train(), or None when the run is finished)."""
+    run_dir = run_directory(models_root, spec)
+    if is_finished(run_dir):
+        return run_dir, None
+    resume = latest_checkpoint(run_dir) is not None
+    # Without a checkpoint the folder holds at most an unfinished first epoch of this recipe.
+    overwrite = not resume and run_dir.exists() and any(run_dir.iterdir())
+    return run_dir, (resume, overwrite)
+
+
 def prepare_model(
     spec: ModelSpec,
     models_root: Path,
@@ -116,25 +132,27 @@ def prepare_model(
     ``train_fn(config, resume, overwrite)`` runs the training (the study pauses its progress
     display around it); ``say`` reports what happened in one line.
     """
+    main = world().is_main
     if spec.checkpoint is not None:
         checkpoint = spec.checkpoint
         if spec.format is not None:
             from sslens.models.imports import import_cached
 
-            checkpoint = import_cached(checkpoint, spec.format, arch=spec.arch, timm_name=spec.timm_name)
+            checkpoint = broadcast_object(
+                import_cached(checkpoint, spec.format, arch=spec.arch, timm_name=spec.timm_name) if main else None
+            )
         model_file = resolve_model_file(checkpoint)
         method, meta = load_model(model_file, device=device)
         return StudyModel(spec.name, method, meta, model_file, file_sha256(model_file), None, "checkpoint")
-    run_dir = run_directory(models_root, spec)
+    run_dir, plan = broadcast_object(_training_plan(models_root, spec) if main else None)
     if run_dir.name != spec.name:
         say(f"{models_root / spec.name} holds {spec.name} with another training config; training into {run_dir}")
     source = "reused"
-    if not is_finished(run_dir):
-        config = dataclasses.replace(spec.train, out=str(run_dir))
-        resume = latest_checkpoint(run_dir) is not None
-        # Without a checkpoint the folder holds at most an unfinished first epoch of this recipe.
-        overwrite = not resume and run_dir.exists() and any(run_dir.iterdir())
-        train_fn(config, resume, overwrite)
+    if plan is not None:
+        resume, overwrite = plan
+        train_fn(dataclasses.replace(spec.train, out=str(run_dir)), resume, overwrite)
+        # The other ranks load the model only once rank 0 has written it.
+        barrier()
         source = "trained"
     model_file = run_dir / "model" / "model.safetensors"
     method, meta = load_model(run_dir / "model", device=device)

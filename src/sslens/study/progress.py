@@ -20,11 +20,15 @@ class StudyProgress:
         total: number of stages (models to prepare plus experiment × model stages).
         bar: True for a rich bar, False for plain lines, "auto" for a bar on a terminal only.
         stream: where the display goes (stdout by default).
+        quiet: show nothing (the ranks other than 0 of a torchrun launch).
     """
 
-    def __init__(self, total: int, *, bar: bool | str = "auto", stream: TextIO | None = None):
+    def __init__(
+        self, total: int, *, bar: bool | str = "auto", stream: TextIO | None = None, quiet: bool = False
+    ):
         self.stream = stream if stream is not None else sys.stdout
-        self.use_bar = self.stream.isatty() if bar == "auto" else bool(bar)
+        self.quiet = quiet
+        self.use_bar = not quiet and (self.stream.isatty() if bar == "auto" else bool(bar))
         self.total = total
         self.done = 0
         self.started = time.perf_counter()
@@ -56,6 +60,8 @@ class StudyProgress:
             self._bar.stop()
 
     def message(self, text: str) -> None:
+        if self.quiet:
+            return
         if self._bar is not None:
             self._bar.console.print(text)
         else:
@@ -66,7 +72,7 @@ class StudyProgress:
         """One stage: shown while it runs, counted when it ends."""
         if self._bar is not None:
             self._bar.update(self._task, description=description)
-        elif not cached:
+        elif not (cached or self.quiet):
             print(f"[{self.done + 1}/{self.total}] {description} ...", file=self.stream, flush=True)
         started = time.perf_counter()
         yield
@@ -74,7 +80,7 @@ class StudyProgress:
         note = "cached" if cached else f"{time.perf_counter() - started:.1f} s"
         if self._bar is not None:
             self._bar.advance(self._task)
-        else:
+        elif not self.quiet:
             print(f"[{self.done}/{self.total}] {description}: {note}", file=self.stream, flush=True)
 
     @contextlib.contextmanager

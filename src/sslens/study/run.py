@@ -12,6 +12,14 @@ Nothing the reader sees is touched until every stage has finished and every sect
 drawn: the figures, then ``results.json``, then ``report.html`` are each written atomically at
 the very end. A study that fails midway therefore leaves the previous report byte-identical,
 while the stages it finished stay cached for the next run.
+
+Under ``torchrun --nproc_per_node=N -m sslens study ...`` every rank runs every stage: models
+are trained with DDP by all ranks, the explanation experiments split their images across the
+ranks and gather the maps (:mod:`sslens.study.sharding`), and the other experiments (kNN,
+linear probe, t-SNE) run whole on every rank, which costs no extra time and keeps the ranks
+from idling in a collective (NCCL aborts a wait of over 10 minutes) while one of them trains a
+probe. Rank 0 alone reads and writes the cache, writes the figures, ``results.json`` and
+``report.html``, and shows progress; the ranks share one file system.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any, TextIO
 
 import torch
 
+from sslens.distributed import barrier, broadcast_object, init_distributed, world
 from sslens.report import (
     Section,
     Table,
@@ -73,10 +82,11 @@ def run_study(
 
     started = time.perf_counter()
     out = Path(out)
-    device = resolve_device(config.device)
+    device = init_distributed(resolve_device(config.device))
+    main = world().is_main
     cache = StageCache(out / "cache")
     total = 2 + len(config.models) + len(_per_model(config)) * len(config.models)
-    with StudyProgress(total, bar=progress, stream=stream) as display:
+    with StudyProgress(total, bar=progress, stream=stream, quiet=not main) as display:
         with display.stage("loading the dataset"):
             splits = {
                 split: load_split(split_train_config(config.dataset, split, config.device, config.seed), split, device)
@@ -98,15 +108,23 @@ def run_study(
             inputs = stage_inputs(ctx, name)
             for model in ctx.models.values():
                 key = digest({**inputs, "weights": model.weights_sha256, "version": CACHE_VERSION})
-                result = cache.get(model.name, name, key)
+                # Rank 0 looks up the cache for all ranks: they must run or skip a stage together
+                # (explanation stages are collective), whatever rank 0 has written meanwhile.
+                result = broadcast_object(cache.get(model.name, name, key) if main else None)
                 with display.stage(f"{name} · {model.name}", cached=result is not None):
                     if result is None:
                         result = _run_stage(ctx, name, model)
-                        cache.put(model.name, name, key, result)
+                        if main:
+                            cache.put(model.name, name, key, result)
                 ctx.outputs.setdefault(name, {})[model.name] = result
         with display.stage("writing the report"):
-            report, results = write_report(ctx, out)
-    return StudyOutcome(report, results, tradeoff_rows(ctx), time.perf_counter() - started)
+            if main:
+                write_report(ctx, out)
+            # Every rank returns once the report exists.
+            barrier()
+    return StudyOutcome(
+        out / "report.html", out / "results.json", tradeoff_rows(ctx), time.perf_counter() - started
+    )
 
 
 def _run_stage(ctx: StudyContext, name: str, model) -> StageResult:
@@ -132,6 +150,8 @@ def write_report(ctx: StudyContext, out: Path) -> tuple[Path, Path]:
             figures=[(caption, png) for _, caption, png in content.figures], tables=content.tables,
         ))
     environment = environment_info(device=str(ctx.device), seed=ctx.seed)
+    if world().distributed:
+        environment["processes"] = world().size
     results = {
         "title": ctx.config.title,
         "seed": ctx.seed,

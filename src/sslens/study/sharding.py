@@ -1,0 +1,103 @@
+"""A batch of images explained by every process of a ``torchrun`` launch together.
+
+Under torchrun each rank explains its share of the batch (every ``size``-th image, the strided
+split of :func:`sslens.distributed.shard`) and the results are all-gathered back into the batch's
+order, so every rank ends with the maps one process computes and runs the experiment's metrics on
+all of them. Without torchrun both functions call the explainer on the whole batch, unchanged.
+
+The split gives the maps of one process because an image's map depends only on the image and
+the seed, never on which other images share the call: RELAX and the perceptual components draw
+one seeded set of masks per call, shared by all images, and the per-image inputs passed here
+(e.g. a CAM's augmented reference views) are computed for the whole batch before it is split.
+Only the float rounding of batched kernels can differ (around 1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from sslens.distributed import gather_objects, shard, unshard, world
+from sslens.explain.base import Explanation
+
+T = TypeVar("T")
+
+
+def _each_rank(function: Callable[..., T], images: torch.Tensor, per_image: dict) -> list[T | None]:
+    """Every rank's ``function(its rows, **its rows of per_image)``, in rank order (None for a
+    rank left without images: fewer images than ranks)."""
+    index = torch.tensor(shard(range(len(images))), dtype=torch.long)
+    mine = None
+    if len(index):
+        rows = {name: None if value is None else value[index.to(value.device)] for name, value in per_image.items()}
+        mine = _to_cpu(function(images[index.to(images.device)], **rows))
+    return gather_objects(mine)
+
+
+def _to_cpu(value: torch.Tensor | Explanation) -> torch.Tensor | Explanation:
+    # Object collectives pickle their values; a CUDA tensor would be unpickled onto the sender's GPU.
+    if isinstance(value, Explanation):
+        return dataclasses.replace(
+            value,
+            importance=value.importance.detach().cpu(),
+            uncertainty=None if value.uncertainty is None else value.uncertainty.detach().cpu(),
+            components={name: maps.detach().cpu() for name, maps in value.components.items()},
+        )
+    return value.detach().cpu()
+
+
+def _merge(parts: Sequence[torch.Tensor | None], total: int) -> torch.Tensor:
+    """Per-rank (n_r, ...) rows → (total, ...) in the batch's order."""
+    return torch.stack(unshard([[] if part is None else list(part.unbind(0)) for part in parts], total))
+
+
+def map_rows(function: Callable[..., torch.Tensor], images: torch.Tensor, **per_image: torch.Tensor | None) -> torch.Tensor:
+    """``function(images, **per_image)`` → (B, ...) with the B images split across ranks.
+
+    Args:
+        function: (b, 3, H, W) images (plus the same b rows of each ``per_image`` tensor) →
+            (b, ...) results, one row per image, independent of the other images of the call.
+        images: (B, 3, H, W).
+        per_image: (B, ...) tensors split like the images, or None (passed as it is).
+
+    Returns (B, ...) on the images' device, identical on every rank.
+    """
+    if not world().distributed or len(images) == 0:
+        return function(images, **per_image)
+    return _merge(_each_rank(function, images, per_image), len(images)).to(images.device)
+
+
+def explain_rows(
+    explainer: Callable[..., Explanation],
+    images: torch.Tensor,
+    *,
+    per_image_info: Sequence[str] = (),
+    **per_image: torch.Tensor | None,
+) -> Explanation:
+    """``explainer(images, **per_image)`` with the B images split across ranks.
+
+    Every map of the :class:`~sslens.explain.base.Explanation` (``importance``, ``uncertainty``,
+    ``components``) is gathered to (B, H, W), on the CPU under torchrun; ``info`` is rank 0's,
+    except the keys in ``per_image_info``, lists with one entry per image, which are gathered too.
+    """
+    if not world().distributed or len(images) == 0:
+        return explainer(images, **per_image)
+    parts = _each_rank(explainer, images, per_image)
+    # Rank 0 always holds image 0, so its explanation exists.
+    total, first = len(images), parts[0]
+
+    def merged(get: Callable[[Explanation], torch.Tensor]) -> torch.Tensor:
+        return _merge([None if part is None else get(part) for part in parts], total)
+
+    info = dict(first.info)
+    for key in per_image_info:
+        info[key] = unshard([[] if part is None else part.info[key] for part in parts], total)
+    return Explanation(
+        importance=merged(lambda part: part.importance),
+        uncertainty=None if first.uncertainty is None else merged(lambda part: part.uncertainty),
+        components={name: merged(lambda part, name=name: part.components[name]) for name in first.components},
+        info=info,
+    )
