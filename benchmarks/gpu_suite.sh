@@ -31,3 +31,31 @@ timeout 100 python3 -m sslens train --config simclr-synthetic --device cuda --ba
     --batch-size 512 --epochs 4 --set data_options.num_images=16384 --set knn_every=2 --out /tmp/gpu-run 2>&1 \
     | tail -n 8 | tee "$OUT/train_cuda.txt"
 timeout 45 python3 -m sslens evaluate /tmp/gpu-run --device cuda 2>&1 | tail -n 6 | tee -a "$OUT/train_cuda.txt"
+
+# Speed and scale, parts 1 and 2 (docs/BENCHMARKS.md, "Profile" and "Time to accuracy").
+# These add to the five minutes above: about a minute per profile (mostly compilation) and six
+# per time-to-accuracy run (at most five of training, plus decoding the JPEGs once). PRESETS
+# picks the presets (default all three); a short session can run PRESETS=simclr-cifar10-fast.
+# The CIFAR-10 JPEG folder comes from CIFAR10_TAR (train/ and test/ inside the archive).
+PRESETS=${PRESETS:-"simclr-cifar10-fast moco-cifar10-fast swav-cifar10-fast"}
+CIFAR10_TAR=${CIFAR10_TAR:-../shared/data/cifar10-jpeg.tar.gz}
+target_of() { case $1 in moco-*) echo 0.847 ;; swav-*) echo 0.842 ;; *) echo 0.85 ;; esac; }
+
+echo "== where a training step's time goes: torch.profiler, compiled, CIFAR-sized synthetic images"
+for preset in $PRESETS; do
+    timeout 240 python3 benchmarks/profile_step.py --preset "$preset" --device cuda --set data=synthetic \
+        --set 'data_options={num_images: 8192}' --warmup 10 --steps 20 --json "$OUT/profile_$preset.json" 2>&1 \
+        | tee "$OUT/profile_$preset.txt"
+done
+
+echo "== time to kNN accuracy on CIFAR-10 (lightly's 200-epoch figures as targets for MoCo and SwAV)"
+if [ -f "$CIFAR10_TAR" ]; then
+    mkdir -p /tmp/cifar10 && tar -xzf "$CIFAR10_TAR" -C /tmp/cifar10
+    for preset in $PRESETS; do
+        timeout 420 python3 benchmarks/time_to_accuracy.py --preset "$preset" --data-dir /tmp/cifar10 --device cuda \
+            --warm-data --target "$(target_of "$preset")" --out "/tmp/tta-$preset" --overwrite \
+            --json "$OUT/tta_$preset.json" 2>&1 | tee "$OUT/tta_$preset.txt"
+    done
+else
+    echo "no CIFAR-10 archive at $CIFAR10_TAR: set CIFAR10_TAR to cifar10-jpeg.tar.gz" | tee "$OUT/tta_skipped.txt"
+fi

@@ -90,3 +90,15 @@ def test_evaluate_an_imported_model_needs_and_uses_data_flags(tmp_path, capsys, 
     result = json.loads((model / "evaluation.json").read_text())
     assert 0.0 <= result["knn_top1"] <= 1.0 and result["linear_top1"] is None
     assert result["details"]["num_train"] == 4000 and result["details"]["feature_dim"] == 128
+
+
+def test_train_preset_picks_the_methods_packaged_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "synthetic", "--method", "moco", "--out", str(out),
+            "--set", "epochs=1", "--set", "max_steps=1", "--set", "knn_every=0", "--set", "progress=false"]
+    assert call(*args) == 0
+    saved = (out / "config.yaml").read_text()
+    assert "method: moco" in saved and "queue_size: 1024" in saved  # moco-synthetic's own options
+    assert call("train", "--preset", "cifar10-slow") == 2
+    assert "Presets for simclr: cifar10, cifar10-fast, synthetic" in capsys.readouterr().err
+    assert call("train", "--preset", "synthetic", "--config", "simclr-synthetic") == 2

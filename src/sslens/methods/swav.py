@@ -206,7 +206,9 @@ class SwAV(SSLMethod):
         num_prototypes = self.prototypes.out_features
         counts = torch.bincount(assigned, minlength=num_prototypes).float()
         p = counts / counts.sum()
-        entropy = -(p[p > 0] * p[p > 0].log()).sum()
+        # xlogy (0·log 0 = 0) rather than boolean indexing, which would read the count back to
+        # the host: two CPU-GPU syncs per step.
+        entropy = -torch.xlogy(p, p).sum()
         return entropy / math.log(num_prototypes) if num_prototypes > 1 else entropy
 
     def on_before_optimizer_step(self, step: int) -> None:
