@@ -264,3 +264,24 @@ def test_midas_offline_is_a_user_error(monkeypatch):
         midas_depth_estimator()
     with pytest.raises(ValueError, match="Unknown MiDaS model"):
         midas_depth_estimator("MiDaS_tiny")
+
+
+def test_components_and_images_share_forward_passes():
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.sizes = tiny_encoder(), []
+
+        def forward(self, x):
+            self.sizes.append(x.shape[0])
+            return self.body(x)
+
+    encoder, x = Recorder(), normalise(pixels(2))
+    kwargs = {"components": ("color", "lowpass"), "num_masks": 10, "mean": MEAN, "std": STD, "round_size": 4}
+    together = PerceptualComponents(encoder, batch_size=40, **kwargs)(x)
+    # One reference pass per component, then 2 components × 2 images × 10 masks in one pass.
+    assert encoder.sizes == [2, 2, 40]
+    alone = PerceptualComponents(tiny_encoder(), batch_size=3, **kwargs)(x[1:])
+    for name in together.components:
+        torch.testing.assert_close(together.components[name][1], alone.components[name][0], rtol=0, atol=1e-6)
+    assert together.info["batch_size"] == 40

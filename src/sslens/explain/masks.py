@@ -14,6 +14,32 @@ https://arxiv.org/abs/1806.07421: "upsample all masks to size (s+1)C_H × (s+1)C
 bilinear interpolation ... crop areas H × W with uniformly random indents from (0, 0) up to
 (C_H, C_W)"), which moves the grid by up to a whole cell.
 
+The cells of a ``"relax"`` grid come from one of two samplers (:data:`GRID_SAMPLERS`):
+
+* ``sampler="iid"`` (relax-xai's; the default of :class:`RelaxMasks`, so that ``RelaxMasks()``
+  is relax-xai's mask generator): every cell of every mask an independent Bernoulli(p) draw,
+  and every mask its own random shift.
+* ``sampler="orthogonal"`` (p = 0.5 only): masks come in blocks of ``K`` (the smallest power of
+  two above ``num_cells²``; 64 for 7 × 7 cells), the rows of a randomised orthogonal array of
+  strength 2 built from the Sylvester Hadamard matrix of order K (Hedayat, Sloane & Stufken,
+  *Orthogonal Arrays: Theory and Applications*, 1999; randomised orthogonal arrays for Monte
+  Carlo integration: Owen, Statistica Sinica 2, 1992). Entry (r, c) of that matrix is ``(−1)^popcount(r & c)``; the cells take, per
+  block, ``num_cells²`` of its ``K − 1`` non-constant columns in a random order, the rows in a
+  random order, mapped to {0, 1} and each column flipped (c → 1 − c) with probability 1/2.
+  The flips alone make every single mask exactly i.i.d. Bernoulli(0.5) over its cells, so each
+  mask has the distribution of an ``"iid"`` mask and the estimator's expectations are
+  unchanged. Inside a block every cell is on in exactly K/2 masks and every pair of cells is on
+  together in exactly K/4: the similarity's dependence on each other cell (its main effect)
+  then adds the same amount to every cell's estimate (cell k is on in exactly half of the
+  masks in which cell j is on) and cancels out of the map, instead of adding noise of order
+  ``1/√N``. What is left is the noise of interactions between cells.
+  A block shares one random shift (uniform, as for ``"iid"``): with a shift per mask a pixel's
+  weight would mix different cells in different masks and the balance would be lost at that
+  pixel. Blocks are independent of each other, which the ``"blocks"`` stopping rule of
+  :class:`~sslens.explain.relax.RELAX` uses. A request that is not a multiple of K ends with
+  part of a block (still i.i.d. Bernoulli per mask, only less balanced). The default of
+  :class:`~sslens.explain.relax.RELAX`, which documents the measured gain.
+
 ``"perceptual"`` — :class:`PerceptualMasks`, the distribution of the perceptual-components
 reference code (Yarici et al., ICIP 2024, https://arxiv.org/abs/2406.06930): a 14 × 14 grid
 with keep-probability 0.7, bicubic upsampling (``align_corners=True``) to a large canvas, one
@@ -37,6 +63,7 @@ torch.Size([4, 1, 32, 32])
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -48,6 +75,7 @@ from sslens.registry import Registry
 
 MASK_SAMPLERS = Registry("mask distribution")
 SHIFTS = Registry("mask shift")
+GRID_SAMPLERS = Registry("grid sampler")
 
 
 def _crop(upsampled: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -59,25 +87,41 @@ def _crop(upsampled: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: 
     return upsampled[index, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
+def _shifts(high: int, n: int, group: int, generator: torch.Generator) -> torch.Tensor:
+    """(n,) offsets uniform in 0..high-1, one draw shared by each run of ``group`` masks.
+
+    ``group=1`` draws exactly as relax-xai does (``torch.randint(0, high, (n,))``).
+    """
+    draws = torch.randint(0, high, (-(-n // group),), generator=generator, device=generator.device)
+    return draws.repeat_interleave(group)[:n]
+
+
 @SHIFTS.register("relax")
-def relax_shift(grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """relax-xai's shift: upsample to ``size``, reflect-pad by ``cells // 2``, shift 0..cells-1 px."""
+def relax_shift(
+    grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator, group: int = 1
+) -> torch.Tensor:
+    """relax-xai's shift: upsample to ``size``, reflect-pad by ``cells // 2``, shift 0..cells-1 px.
+
+    Each run of ``group`` consecutive masks shares one shift (1: every mask its own).
+    """
     cells = grid.shape[-1]
     pad = cells // 2
     upsampled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
     upsampled = F.pad(upsampled, (pad, pad, pad, pad), mode="reflect")
     n = grid.shape[0]
-    top = torch.randint(0, cells, (n,), generator=generator, device=grid.device)
-    left = torch.randint(0, cells, (n,), generator=generator, device=grid.device)
+    top = _shifts(cells, n, group, generator)
+    left = _shifts(cells, n, group, generator)
     return _crop(upsampled, top, left, size)
 
 
 @SHIFTS.register("rise")
-def rise_shift(grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+def rise_shift(
+    grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator, group: int = 1
+) -> torch.Tensor:
     """RISE's shift: upsample to ``(cells + 1) · cell_size``, shift by up to one whole cell.
 
     RISE resizes with skimage (``order=1``, pixel-centre coordinates); bilinear with
-    ``align_corners=False`` is the same mapping.
+    ``align_corners=False`` is the same mapping. Each run of ``group`` masks shares one shift.
     """
     cells = grid.shape[-1]
     cell_h, cell_w = math.ceil(size[0] / cells), math.ceil(size[1] / cells)
@@ -85,9 +129,55 @@ def rise_shift(grid: torch.Tensor, size: tuple[int, int], generator: torch.Gener
         grid, size=((cells + 1) * cell_h, (cells + 1) * cell_w), mode="bilinear", align_corners=False
     )
     n = grid.shape[0]
-    top = torch.randint(0, cell_h, (n,), generator=generator, device=grid.device)
-    left = torch.randint(0, cell_w, (n,), generator=generator, device=grid.device)
+    top = _shifts(cell_h, n, group, generator)
+    left = _shifts(cell_w, n, group, generator)
     return _crop(upsampled, top, left, size)
+
+
+def hadamard_order(num_cells: int) -> int:
+    """The smallest power of two K with ``K − 1 ≥ num_cells²``: a Sylvester Hadamard matrix of
+    order K has enough non-constant columns for one per cell (7 × 7 cells → 64)."""
+    return 1 << (num_cells * num_cells).bit_length()
+
+
+@functools.lru_cache(maxsize=8)
+def sylvester_bits(order: int, device: torch.device) -> torch.Tensor:
+    """(order, order) bool: ``popcount(r & c)`` odd, i.e. entry (r, c) of the Sylvester Hadamard
+    matrix of order ``order`` (a power of two) is −1. Columns c ≥ 1 are balanced and pairwise
+    orthogonal: any two of them agree in exactly half of the rows."""
+    index = torch.arange(order, device=device)
+    both = index[:, None] & index[None, :]
+    odd = torch.zeros(order, order, dtype=torch.bool, device=device)
+    for bit in range(order.bit_length() - 1):
+        odd ^= ((both >> bit) & 1).bool()
+    return odd
+
+
+@GRID_SAMPLERS.register("iid")
+def iid_grid(
+    num: int, num_cells: int, p: float, generator: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
+    """(num, 1, num_cells, num_cells) independent Bernoulli(p) cells, drawn as relax-xai draws them."""
+    shape = (num, 1, num_cells, num_cells)
+    return (torch.rand(shape, generator=generator, device=generator.device) < p).to(dtype)
+
+
+@GRID_SAMPLERS.register("orthogonal")
+def orthogonal_grid(
+    num: int, num_cells: int, p: float, generator: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
+    """(num, 1, num_cells, num_cells) cells from randomised orthogonal arrays, blocks of
+    :func:`hadamard_order` masks (see the module docstring); ``p`` must be 0.5."""
+    order, cells, device = hadamard_order(num_cells), num_cells * num_cells, generator.device
+    blocks = -(-num // order)
+    # Per block: the masks' order and which non-constant columns (1 .. order-1) become the cells.
+    rows = torch.stack([torch.randperm(order, generator=generator, device=device) for _ in range(blocks)])
+    columns = torch.stack(
+        [torch.randperm(order - 1, generator=generator, device=device)[:cells] + 1 for _ in range(blocks)]
+    )
+    flips = torch.rand(blocks, 1, cells, generator=generator, device=device) < 0.5
+    bits = sylvester_bits(order, device)[rows[:, :, None], columns[:, None, :]] ^ flips  # (blocks, order, cells)
+    return bits.reshape(blocks * order, 1, num_cells, num_cells)[:num].to(dtype)
 
 
 MaskSampler = Callable[[int, tuple[int, int], torch.Generator], torch.Tensor]
@@ -109,15 +199,37 @@ class RelaxMasks:
         num_cells: grid cells per side (relax-xai: 7).
         p: keep-probability of a cell (relax-xai: 0.5).
         shift: ``"relax"`` (relax-xai, 0..num_cells-1 px) or ``"rise"`` (up to one cell).
+        sampler: the cells' joint distribution, ``"iid"`` (relax-xai) or ``"orthogonal"``
+            (balanced blocks of :attr:`block_size` masks, p = 0.5 only; see the module docstring).
     """
 
     num_cells: int = 7
     p: float = 0.5
     shift: str = "relax"
+    sampler: str = "iid"
 
     def __post_init__(self) -> None:
         _check_grid(self.num_cells, self.p)
         SHIFTS.get(self.shift)
+        GRID_SAMPLERS.get(self.sampler)
+        if self.sampler == "orthogonal" and self.p != 0.5:
+            raise ValueError(
+                f"sampler='orthogonal' balances cells that are on in half of the masks, so it needs "
+                f"p=0.5; got p={self.p!r}. Use sampler='iid' for other keep-probabilities."
+            )
+
+    @property
+    def block_size(self) -> int:
+        """Masks per balanced block of ``"orthogonal"`` (64 for 7 × 7 cells); for ``"iid"`` the
+        same number groups masks into the independent blocks of the ``"blocks"`` stopping rule."""
+        return hadamard_order(self.num_cells)
+
+    @property
+    def draw_size(self) -> int | None:
+        """Masks per draw for callers that draw in rounds: ``"orthogonal"`` masks are drawn a
+        whole block at a time, so that the masks a seed gives do not depend on the rounds;
+        None for ``"iid"``, whose draws follow the rounds (as relax-xai's follow its batches)."""
+        return self.block_size if self.sampler == "orthogonal" else None
 
     def __call__(
         self, num: int, size: tuple[int, int], generator: torch.Generator, dtype: torch.dtype = torch.float32
@@ -127,13 +239,13 @@ class RelaxMasks:
                 f"Images of size {size} are too small for reflect padding by {self.num_cells // 2} px; "
                 f"use images larger than {self.num_cells // 2} px or fewer num_cells."
             )
-        device = generator.device
-        shape = (num, 1, self.num_cells, self.num_cells)
-        grid = (torch.rand(shape, generator=generator, device=device) < self.p).to(dtype)
-        return SHIFTS.get(self.shift)(grid, tuple(size), generator)
+        grid = GRID_SAMPLERS.get(self.sampler)(num, self.num_cells, self.p, generator, dtype)
+        group = self.block_size if self.sampler == "orthogonal" else 1
+        return SHIFTS.get(self.shift)(grid, tuple(size), generator, group)
 
     def info(self) -> dict:
-        return {"masks": "relax", **asdict(self)}
+        block = {"block_size": self.block_size} if self.sampler == "orthogonal" else {}
+        return {"masks": "relax", **asdict(self), **block}
 
 
 @MASK_SAMPLERS.register("perceptual")

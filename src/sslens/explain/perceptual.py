@@ -53,6 +53,8 @@ Explaining-Representation-Learning-with-Perceptual-Components), and why:
 * The reference blurs texture with a 5 × 5 kernel at a random σ in [3, 4] per call; sslens uses
   a fixed ``texture_sigma`` (default 3.5) with the same 5 × 5 kernel, so maps are reproducible.
 * All components run in one batched loop; the reference loops over masks in Python per component.
+  Every component × image × mask shares forward passes of up to ``batch_size`` images (e.g. one
+  image's 7 components × 36 masks in one pass of 252), so small images still fill a GPU.
 
 >>> from torch import nn
 >>> encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -76,13 +78,19 @@ from sslens.explain.base import EXPLAINERS, Explainer, Explanation
 from sslens.explain.depth import DepthEstimator
 from sslens.explain.masks import MASK_SAMPLERS
 from sslens.explain.relax import (
+    PROBE,
     RelaxEstimator,
     autotuned_convolutions,
+    check_batch_size,
+    check_fast_inference,
     check_positive_int,
+    default_batch_size,
     embed,
     gaussian_blur,
+    inference_encoder,
     mask_rounds,
-    masked_similarities,
+    packed_similarities,
+    rechunk,
 )
 from sslens.registry import Registry
 
@@ -276,7 +284,8 @@ class PerceptualComponents(Explainer):
         encoder: ``nn.Module`` mapping (B, 3, H, W) normalised images to (B, D) embeddings.
         components: names from :data:`COMPONENTS` (default: all eight).
         num_masks: masks per call, shared by all components and images.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass, packed across components and images; None
+            (default): by device, as for :class:`~sslens.explain.relax.RELAX`.
         masks: mask distribution, ``"perceptual"`` (default, the paper's code) or ``"relax"``.
         mean, std: the normalisation of the images (default ImageNet), to build component
             images in pixel space.
@@ -290,9 +299,11 @@ class PerceptualComponents(Explainer):
         brightness_decrement: LAB lightness units (of 0–100) removed where M = 0 (default 20).
         sharpen_amount: weight of the Laplacian in ``X − amount · ∇²X`` (1 = classic 3 × 3 kernel).
         lowpass_sigma, highpass_sigma: Gaussian σ in px of the frequency split (default 2).
-        round_size: masks drawn per round (bounds memory).
+        round_size: masks drawn per round (the seed's mask sequence depends on it).
         amp: bf16 autocast + channels_last for the encoder: None (default) on CUDA only, True
             on any device, False never.
+        fast_inference: BatchNorms folded into convolutions in a private copy of the encoder,
+            as for :class:`~sslens.explain.relax.RELAX` (default ``"auto"``: on the CPU).
 
     Call ``explainer(images, depth=None)`` with (B, 3, H, W) normalised images and optional
     (B, H, W) depth maps. Returns ``components = {name: (B, H, W)}``, ``importance`` = their mean.
@@ -303,7 +314,7 @@ class PerceptualComponents(Explainer):
         encoder: nn.Module,
         components: Sequence[str] = ALL_COMPONENTS,
         num_masks: int = 3000,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         masks: str = "perceptual",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -320,6 +331,7 @@ class PerceptualComponents(Explainer):
         highpass_sigma: float = 2.0,
         round_size: int = 250,
         amp: bool | None = None,
+        fast_inference: str | bool = "auto",
     ):
         super().__init__(encoder)
         if isinstance(components, str):
@@ -330,7 +342,7 @@ class PerceptualComponents(Explainer):
             COMPONENTS.get(name)
         self.components = tuple(components)
         self.num_masks = check_positive_int("num_masks", num_masks)
-        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self.round_size = check_positive_int("round_size", round_size)
         self.sampler = MASK_SAMPLERS.create(masks)
         self.mask_name = masks
@@ -357,6 +369,7 @@ class PerceptualComponents(Explainer):
         if brightness_decrement < 0 or sharpen_amount < 0:
             raise ValueError("brightness_decrement and sharpen_amount must be ≥ 0 (0 makes the component a no-op)")
         self.amp = None if amp is None else bool(amp)
+        self.fast_inference = check_fast_inference(fast_inference)
 
     def _stats(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device)[:, None, None]
@@ -400,22 +413,26 @@ class PerceptualComponents(Explainer):
             def normalise(x: torch.Tensor) -> torch.Tensor:
                 return (x - mean) / std
 
-            index = torch.arange(images.shape[0], device=images.device)
+            batch_size = self.batch_size or default_batch_size(images.device)
+            encoder, fast_info = inference_encoder(self.encoder, self.fast_inference, images[:PROBE], self.amp)
             references = {
-                name: torch.cat([embed(self.encoder, normalise(x), self.amp) for x in parts.reference.split(self.batch_size)])
+                name: torch.cat([embed(encoder, normalise(x), self.amp) for x in parts.reference.split(batch_size)])
                 for name, parts in built.items()
             }
             estimators = {
                 name: RelaxEstimator(images.shape[0], size, ref.dtype, images.device) for name, ref in references.items()
             }
+            groups = [
+                (lambda index, m, parts=parts: normalise(parts.masked(index, m)), references[name])
+                for name, parts in built.items()
+            ]
             generator = torch.Generator(device=images.device).manual_seed(self.seed)
-            for round_masks in mask_rounds(self.sampler, self.num_masks, self.round_size, size, generator, dtype):
-                for name, parts in built.items():
-                    scores = masked_similarities(
-                        self.encoder, lambda m, parts=parts: normalise(parts.masked(index, m)),
-                        references[name], round_masks, self.batch_size, self.amp,
-                    )
-                    estimators[name].update(scores, round_masks)
+            rounds = mask_rounds(self.sampler, self.num_masks, self.round_size, size, generator, dtype)
+            # One forward pass per chunk: every component × image row gets batch_size // rows masks.
+            for chunk in rechunk(rounds, max(1, batch_size // (len(built) * images.shape[0]))):
+                scores = packed_similarities(encoder, groups, chunk, batch_size, self.amp)
+                for estimator, component_scores in zip(estimators.values(), scores, strict=True):
+                    estimator.update(component_scores, chunk)
             maps = {name: estimator.importance.float() for name, estimator in estimators.items()}
         return Explanation(
             importance=torch.stack(list(maps.values())).mean(dim=0),
@@ -432,5 +449,7 @@ class PerceptualComponents(Explainer):
                 "mean": list(self.mean),
                 "std": list(self.std),
                 "depth_source": None if depth_map is None else ("call" if depth is not None else "estimator"),
+                "batch_size": batch_size,
+                "fast_inference": fast_info,
             },
         )
