@@ -59,3 +59,4 @@ if [ -f "$CIFAR10_TAR" ]; then
 else
     echo "no CIFAR-10 archive at $CIFAR10_TAR: set CIFAR10_TAR to cifar10-jpeg.tar.gz" | tee "$OUT/tta_skipped.txt"
 fi
+timeout 150 python3 benchmarks/explain_throughput.py --device cuda --sizes 32,224 --json "$OUT/explain_throughput.json" 2>&1 | tee "$OUT/explain_throughput.txt"
