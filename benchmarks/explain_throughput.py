@@ -60,7 +60,7 @@ def bench_size(size: int, args: argparse.Namespace, device: torch.device) -> dic
     name, factory = MODELS[size]
     torch.manual_seed(0)
     encoder = factory().to(device).eval()
-    batch_size = args.batch_size or default_batch_size(device)
+    batch_size = args.batch_size or default_batch_size(device, (size, size))
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(args.images, 3, size, size, generator=generator).to(device)
     depth = torch.rand(args.images, size, size, generator=generator).to(device)

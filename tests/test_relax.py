@@ -24,6 +24,7 @@ from sslens.explain.relax import (
     RELAX,
     RelaxEstimator,
     block_standard_error,
+    default_batch_size,
     u_relax,
 )
 
@@ -564,5 +565,10 @@ def test_forward_passes_do_not_depend_on_the_round_size():
 def test_batch_size_defaults_by_device():
     out = RELAX(tiny_encoder(), num_masks=8)(images(1))
     assert out.info["batch_size"] == 32
+    cuda = torch.device("cuda")  # only the rule is exercised: no CUDA device is needed
+    assert default_batch_size(cuda, (224, 224)) == 256
+    assert default_batch_size(cuda, (32, 32)) == 2048
+    assert default_batch_size(cuda, (112, 112)) == 1024
+    assert default_batch_size(cuda, (4096, 4096)) == 1
     with pytest.raises(ValueError, match="batch_size"):
         RELAX(tiny_encoder(), batch_size=0)

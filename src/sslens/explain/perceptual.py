@@ -413,7 +413,7 @@ class PerceptualComponents(Explainer):
             def normalise(x: torch.Tensor) -> torch.Tensor:
                 return (x - mean) / std
 
-            batch_size = self.batch_size or default_batch_size(images.device)
+            batch_size = self.batch_size or default_batch_size(images.device, tuple(images.shape[2:]))
             encoder, fast_info = inference_encoder(self.encoder, self.fast_inference, images[:PROBE], self.amp)
             references = {
                 name: torch.cat([embed(encoder, normalise(x), self.amp) for x in parts.reference.split(batch_size)])

@@ -45,8 +45,9 @@ Every place sslens differs from relax-xai, and why:
   relax-xai takes one image per object and breaks on ``batch_size=1`` (its
   ``masks.squeeze()`` drops the batch axis). The default ``batch_size`` depends on the device:
   32 on the CPU, where smaller batches ran faster (on 2 Xeon cores ResNet-18 at 32 px ran 1.1×
-  faster in batches of 32 than in relax-xai's 100, and 1.4× faster than in batches of 192),
-  256 on GPUs.
+  faster in batches of 32 than in relax-xai's 100, and 1.4× faster than in batches of 192);
+  on GPUs about 256 images' worth of 224-px pixels (256 at 224 px, 2048 at 32 px), so that small
+  images fill the device too.
 * **Fast inference on the CPU** (``fast_inference="auto"``): the masked batches run through a
   private copy of the encoder whose eval-mode BatchNorms are folded into the preceding
   convolutions (:func:`fold_batch_norms`, traced with ``torch.fx``): the same function up to
@@ -86,8 +87,8 @@ Every place sslens differs from relax-xai, and why:
   map of ``num_masks=n``.
 * Mixed precision: on CUDA the encoder runs under bf16 autocast with channels_last inputs
   (``amp=True`` asks for the same on the CPU, where oneDNN's bf16 kernels are several times
-  faster on CPUs with AMX); similarities and the estimator are accumulated in fp32 (fp64 for
-  fp64 inputs).
+  faster on CPUs with bf16 instructions, AVX512-BF16 or AMX); similarities and the estimator
+  are accumulated in fp32 (fp64 for fp64 inputs).
 
 >>> from torch import nn
 >>> encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -122,15 +123,20 @@ INITIAL_WEIGHT = 1e-10
 
 #: Images per forward pass when ``batch_size=None``, by device type. On the CPU smaller batches
 #: ran faster: on 2 Xeon cores ResNet-18 at 32 px took 1.1× less time per image in batches of 32
-#: than in relax-xai's 100 and 1.4× less than in 192 (docs/BENCHMARKS.md). On GPUs larger
-#: batches fill the device.
+#: than in relax-xai's 100 and 1.4× less than in 192 (docs/BENCHMARKS.md).
 DEFAULT_BATCH_SIZE = {"cpu": 32}
-GPU_BATCH_SIZE = 256
+#: On GPUs a batch holds about this many pixels (256 images at 224 px), so that small images still
+#: fill the device (2048 at 32 px: batches of 256 such images are too short to keep a large GPU
+#: busy), at most :data:`GPU_MAX_BATCH_SIZE` images.
+GPU_BATCH_PIXELS = 256 * 224 * 224
+GPU_MAX_BATCH_SIZE = 2048
 
 
-def default_batch_size(device: torch.device) -> int:
-    """Images per forward pass for ``batch_size=None`` on ``device``."""
-    return DEFAULT_BATCH_SIZE.get(device.type, GPU_BATCH_SIZE)
+def default_batch_size(device: torch.device, size: tuple[int, int]) -> int:
+    """Images per forward pass for ``batch_size=None`` on ``device`` for images of ``size`` (H, W)."""
+    if device.type in DEFAULT_BATCH_SIZE:
+        return DEFAULT_BATCH_SIZE[device.type]
+    return max(1, min(GPU_MAX_BATCH_SIZE, GPU_BATCH_PIXELS // (size[0] * size[1])))
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float, kernel_size: int | None = None) -> torch.Tensor:
@@ -162,7 +168,7 @@ def mean_baseline(images: torch.Tensor, blur_sigma: float) -> torch.Tensor:
 
 def use_amp(amp: bool | None, device: torch.device) -> bool:
     """``amp=None`` means bf16 on CUDA only; True asks for it on the CPU too (fast where the CPU
-    has bf16 matrix units, e.g. AMX; the maps then differ from fp32 ones by rounding)."""
+    has bf16 instructions, e.g. AVX512-BF16 or AMX; the maps then differ from fp32 ones by rounding)."""
     return device.type == "cuda" if amp is None else bool(amp)
 
 
@@ -601,7 +607,8 @@ class RELAX(Explainer):
         num_masks: masks per call (relax-xai: 30 batches × 100 = 3000); with ``adaptive`` the
             maximum.
         batch_size: images (image × mask pairs) per forward pass; None (default): 32 on the
-            CPU (measured fastest there, see :data:`DEFAULT_BATCH_SIZE`), 256 on GPUs. Passes
+            CPU (measured fastest there, see :data:`DEFAULT_BATCH_SIZE`), on GPUs about 256 images
+            at 224 px (:data:`GPU_BATCH_PIXELS`; 2048 at 32 px). Passes
             are filled across rounds of masks and across images.
         num_cells, p, shift: mask distribution, see :class:`~sslens.explain.masks.RelaxMasks`.
         sampler: the cells' joint distribution: ``"orthogonal"`` (default: balanced blocks,
@@ -695,7 +702,7 @@ class RELAX(Explainer):
         dtype = images.dtype if images.is_floating_point() else torch.float32
         images = images.to(dtype)
         num_images = images.shape[0]
-        batch_size = self.batch_size or default_batch_size(images.device)
+        batch_size = self.batch_size or default_batch_size(images.device, size)
         with torch.inference_mode(), autotuned_convolutions(images.device):
             encoder, fast_info = inference_encoder(self.encoder, self.fast_inference, images[:PROBE], self.amp)
             if masks is None:
