@@ -26,29 +26,10 @@ import time
 from collections.abc import Callable
 
 import torch
-import torchvision
-from torch import nn
+from encoders import MODELS
 
 from sslens.explain.perceptual import ALL_COMPONENTS, PerceptualComponents
 from sslens.explain.relax import RELAX, default_batch_size, embed, inference_encoder
-
-
-def resnet18_cifar() -> nn.Module:
-    from sslens.models import create_backbone
-
-    return create_backbone("resnet18-cifar")
-
-
-def resnet50() -> nn.Module:
-    model = torchvision.models.resnet50(weights=None)
-    model.fc = nn.Identity()
-    return model
-
-
-MODELS: dict[int, tuple[str, Callable[[], nn.Module]]] = {
-    32: ("resnet18-cifar", resnet18_cifar),
-    224: ("resnet50", resnet50),
-}
 
 
 def synchronise(device: torch.device) -> None:

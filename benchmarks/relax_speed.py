@@ -37,39 +37,12 @@ from pathlib import Path
 
 import relax_xai.relax
 import torch
-import torchvision
+from encoders import MODELS, resnet18_cifar
 from torch import nn
 
 from sslens.explain.relax import RELAX
 
 CURVE = (256, 512, 768, 1024, 1536, 2048)
-
-
-def resnet18_cifar() -> nn.Module:
-    try:
-        from sslens.models import create_backbone
-    except ImportError:
-        create_backbone = None
-    if create_backbone is not None:
-        return create_backbone("resnet18-cifar")
-    # Fallback: torchvision ResNet-18 with the CIFAR stem (3 × 3 conv1, no max-pool), pooled features.
-    model = torchvision.models.resnet18(weights=None)
-    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
-    model.fc = nn.Identity()
-    return model
-
-
-def resnet50() -> nn.Module:
-    model = torchvision.models.resnet50(weights=None)
-    model.fc = nn.Identity()
-    return model
-
-
-MODELS: dict[int, tuple[str, Callable[[], nn.Module]]] = {
-    32: ("resnet18-cifar", resnet18_cifar),
-    224: ("resnet50", resnet50),
-}
 
 
 def timed_together(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> tuple[dict, dict]:

@@ -5,6 +5,7 @@ from sslens.data.base import denormalize
 from sslens.evaluate.invariance import (
     INVARIANCE_AUGMENTATIONS,
     LUMINANCE_WEIGHTS,
+    RETEST,
     binarize_at_mean,
     masked_iou,
     rotate,
@@ -53,6 +54,26 @@ def test_fixed_position_blob_gives_hand_computed_hflip_scores():
     assert result["hflip"]["corr_mean"] == pytest.approx(-0.6, abs=1e-6)
     # A vertical flip leaves a column blob where it was.
     assert result["vflip"]["iou_mean"] == 1.0
+
+
+def test_retest_compares_two_maps_of_the_unchanged_images():
+    # explain_fn puts columns 0..4 on, the retest columns 3..7 (as above, without any flip):
+    # IoU 2/8 and Pearson -9/15 over the whole image; a deterministic retest agrees exactly.
+    left, right = torch.zeros(8, 8), torch.zeros(8, 8)
+    left[:, :5], right[:, 3:] = 1.0, 1.0
+    images = _images(2, 8)
+    result = saliency_invariance(
+        lambda x: left.expand(x.shape[0], 8, 8), images, ("hflip",), retest_fn=lambda x: right.expand(x.shape[0], 8, 8)
+    )
+    assert list(result) == ["hflip", RETEST]
+    assert result[RETEST]["per_image_iou"] == [0.25, 0.25]
+    assert result[RETEST]["corr_mean"] == pytest.approx(-0.6, abs=1e-6)
+    assert result[RETEST]["valid_fraction"] == 1.0
+    same = saliency_invariance(_luminance, _images(), ("vflip",), mean=MEAN, std=STD, retest_fn=_luminance)
+    assert same[RETEST]["per_image_iou"] == [1.0, 1.0, 1.0]
+    assert RETEST not in saliency_invariance(_luminance, _images(), ("vflip",), mean=MEAN, std=STD)
+    with pytest.raises(TypeError, match="retest_fn"):
+        saliency_invariance(_luminance, _images(), ("vflip",), retest_fn="seed 1")
 
 
 def test_binarize_is_strictly_above_the_mean_over_the_valid_region():

@@ -9,6 +9,7 @@ import io
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -168,6 +169,21 @@ def test_tradeoff_table_has_one_row_per_model_matching_results_json(finished):
             expected = f"{value:.3f}" if isinstance(value, float) else str(value)
             assert cell == expected, key
     assert rows[0]["linear_top1"] == results["experiments"]["quality"]["simclr"]["linear_top1"]
+
+
+def test_invariance_has_a_retest_column_left_out_of_the_tradeoff_mean(finished):
+    out, outcome = finished
+    results = json.loads((out / "results.json").read_text())
+    augmentations = ["hflip", "vflip", "rot15", "grayscale"]
+    for model, row in zip(["simclr", "moco"], results["tradeoff"], strict=True):
+        invariance = results["experiments"]["invariance"][model]
+        assert list(invariance) == [*augmentations, "retest"]
+        # Other masks give another map: RELAX's own noise keeps the retest below a perfect 1.
+        assert 0 < invariance["retest"]["iou_mean"] < 1
+        assert row["invariance_iou"] == pytest.approx(np.mean([invariance[a]["iou_mean"] for a in augmentations]))
+    table = results["tables"]["invariance"][0]
+    assert table["columns"] == ["model", *augmentations, "retest"]
+    assert "Retest" in table["caption"]
 
 
 def test_rerun_recomputes_nothing_and_gives_the_same_results(finished, monkeypatch):

@@ -74,10 +74,12 @@ class StudyContext:
 
         return to_display_image(images, self.mean, self.std)
 
-    def explain_fn(self, name: str, encoder: nn.Module) -> ExplainFn:
+    def explain_fn(self, name: str, encoder: nn.Module, seed: int | None = None) -> ExplainFn:
         """``images`` (B, 3, H, W) ``-> maps`` (B, H, W) of explainer ``name`` with the study's
-        options and seed. Under torchrun each call explains this rank's share of the images and
-        gathers the rest, so every rank gets all B maps (:func:`sslens.study.sharding.map_rows`)."""
+        options and seed (or ``seed``). Under torchrun each call explains this rank's share of the
+        images and gathers the rest, so every rank gets all B maps
+        (:func:`sslens.study.sharding.map_rows`)."""
         return build_explainer(
-            name, encoder, self.config.explainers.get(name, {}), seed=self.seed, mean=self.mean, std=self.std
+            name, encoder, self.config.explainers.get(name, {}), seed=self.seed if seed is None else seed,
+            mean=self.mean, std=self.std,
         )

@@ -138,9 +138,9 @@ def tsne(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | No
 @register_experiment(
     "invariance",
     title="Saliency invariance (RELAX)",
-    reading_aid="IoU of mean-binarised RELAX maps of an image and of its augmented copy, mapped back; 1 means the explanation follows the transformation exactly.",
+    reading_aid="IoU of mean-binarised RELAX maps of an image and of its augmented copy, mapped back; 1 means the explanation follows the transformation exactly. The retest column explains the unchanged image again with other masks: the most an augmentation's score can reach given RELAX's own noise.",
     section=sections.invariance,
-    defaults={"augmentations": ["hflip", "vflip", "rot15", "grayscale"]},
+    defaults={"augmentations": ["hflip", "vflip", "rot15", "grayscale"], "retest": True},
     samples=8,
     explainers=("relax",),
 )
@@ -157,8 +157,10 @@ def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
         first_maps.append(maps[0].detach().cpu())
         return maps
 
+    # Another seed draws other masks: the retest measures the explainer's own noise.
+    retest = ctx.explain_fn("relax", _pooled(ctx, model), seed=ctx.seed + 1) if settings["retest"] else None
     results = saliency_invariance(
-        explain, images, augmentations=settings["augmentations"], mean=ctx.mean, std=ctx.std
+        explain, images, augmentations=settings["augmentations"], mean=ctx.mean, std=ctx.std, retest_fn=retest
     )
     return StageResult(results, {"example_maps": torch.stack(first_maps).numpy()})
 

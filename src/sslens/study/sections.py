@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from sslens.evaluate.invariance import RETEST
 from sslens.report import (
     Table,
     bar_chart,
@@ -63,10 +64,14 @@ def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
 
     augmentations = settings["augmentations"]
     iou = {m: {a: o.results[a]["iou_mean"] for a in augmentations} for m, o in outputs.items()}
-    rows_iou = [[m, *[(o.results[a]["iou_mean"], o.results[a]["iou_std"]) for a in augmentations]]
+    # The retest (same image, other masks) is the column every augmentation's score is read against.
+    columns = [*augmentations, RETEST] if settings["retest"] else list(augmentations)
+    rows_iou = [[m, *[(o.results[a]["iou_mean"], o.results[a]["iou_std"]) for a in columns]]
                 for m, o in outputs.items()]
-    rows_corr = [[m, *[(o.results[a]["corr_mean"], o.results[a]["corr_std"]) for a in augmentations]]
+    rows_corr = [[m, *[(o.results[a]["corr_mean"], o.results[a]["corr_std"]) for a in columns]]
                  for m, o in outputs.items()]
+    retest_note = (" Retest: the unchanged image explained again with other masks (seed + 1), the ceiling"
+                   " an augmentation's score can reach given RELAX's own noise." if settings["retest"] else "")
     count = ctx.config.samples["invariance"]
     # The example row shows each augmented image with its own map, in the augmented frame.
     first = ctx.images(ctx.sample("invariance", count)[:1])
@@ -81,8 +86,9 @@ def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
           invariance_table_figure(iou)),
          ("examples", "RELAX importance of one image under each augmentation (raw maps, own colour bar).",
           heatmap_grid(grid))],
-        [Table(["model", *augmentations], rows_iou, f"IoU of mean-binarised RELAX maps, mean ± std over {count} images."),
-         Table(["model", *augmentations], rows_corr, "Pearson correlation of the raw maps, mean ± std.")],
+        [Table(["model", *columns], rows_iou,
+               f"IoU of mean-binarised RELAX maps, mean ± std over {count} images.{retest_note}"),
+         Table(["model", *columns], rows_corr, "Pearson correlation of the raw maps, mean ± std.")],
     )
 
 
@@ -196,7 +202,7 @@ def tradeoff_rows(ctx) -> list[dict[str, Any]]:
     rows = []
     for model, study_model in ctx.models.items():
         invariance = ctx.outputs.get("invariance", {}).get(model)
-        ious = [] if invariance is None else [v["iou_mean"] for v in invariance.results.values()]
+        ious = [] if invariance is None else [v["iou_mean"] for a, v in invariance.results.items() if a != RETEST]
         sanity = ctx.outputs.get("sanity", {}).get(model)
         verdicts = None if sanity is None else "; ".join(
             f"{label(name)}: {'passes' if r['changed'] else FLAG}" for name, r in sanity.results.items()
