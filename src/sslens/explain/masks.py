@@ -19,26 +19,36 @@ The cells of a ``"relax"`` grid come from one of two samplers (:data:`GRID_SAMPL
 * ``sampler="iid"`` (relax-xai's; the default of :class:`RelaxMasks`, so that ``RelaxMasks()``
   is relax-xai's mask generator): every cell of every mask an independent Bernoulli(p) draw,
   and every mask its own random shift.
-* ``sampler="orthogonal"`` (p = 0.5 only): masks come in blocks of ``K`` (the smallest power of
-  two above ``num_cells²``; 64 for 7 × 7 cells), the rows of a randomised orthogonal array of
-  strength 2 built from the Sylvester Hadamard matrix of order K (Hedayat, Sloane & Stufken,
-  *Orthogonal Arrays: Theory and Applications*, 1999; randomised orthogonal arrays for Monte
-  Carlo integration: Owen, Statistica Sinica 2, 1992). Entry (r, c) of that matrix is ``(−1)^popcount(r & c)``; the cells take, per
-  block, ``num_cells²`` of its ``K − 1`` non-constant columns in a random order, the rows in a
-  random order, mapped to {0, 1} and each column flipped (c → 1 − c) with probability 1/2.
-  The flips alone make every single mask exactly i.i.d. Bernoulli(0.5) over its cells, so each
-  mask has the distribution of an ``"iid"`` mask and the estimator's expectations are
-  unchanged. Inside a block every cell is on in exactly K/2 masks and every pair of cells is on
-  together in exactly K/4: the similarity's dependence on each other cell (its main effect)
-  then adds the same amount to every cell's estimate (cell k is on in exactly half of the
-  masks in which cell j is on) and cancels out of the map, instead of adding noise of order
-  ``1/√N``. What is left is the noise of interactions between cells.
-  A block shares one random shift (uniform, as for ``"iid"``): with a shift per mask a pixel's
-  weight would mix different cells in different masks and the balance would be lost at that
-  pixel. Blocks are independent of each other, which the ``"blocks"`` stopping rule of
-  :class:`~sslens.explain.relax.RELAX` uses. A request that is not a multiple of K ends with
-  part of a block (still i.i.d. Bernoulli per mask, only less balanced). The default of
-  :class:`~sslens.explain.relax.RELAX`, which documents the measured gain.
+* ``sampler="orthogonal"`` (p = 0.5 only): masks come in blocks of ``2K`` (K: the smallest
+  power of two above ``num_cells²``; 128 masks for 7 × 7 cells), the rows of a randomised
+  orthogonal array of strength 3 (Hedayat, Sloane & Stufken, *Orthogonal Arrays: Theory and
+  Applications*, 1999; randomised orthogonal arrays for Monte Carlo integration: Owen,
+  Statistica Sinica 2, 1992). The first K rows are a strength-2 array from the Sylvester
+  Hadamard matrix of order K, whose entry (r, c) is ``(−1)^popcount(r & c)``: the cells take,
+  per block, ``num_cells²`` of its ``K − 1`` non-constant columns in a random order, the rows
+  in a random order, mapped to {0, 1} and each column flipped (c → 1 − c) with probability
+  1/2. The next K rows are their complements (the fold-over, ``M → 1 − M``). The flips alone
+  make every single mask exactly i.i.d. Bernoulli(0.5) over its cells (and the complement of
+  such a mask is one too), so each mask has the distribution of an ``"iid"`` mask and the
+  estimator's expectations are unchanged. Inside a block every cell is on in exactly K masks,
+  every pair of cells together in exactly K/2 and every triple in exactly K/4. Cell k's
+  estimate is the mean similarity over the masks where k is on; with that balance the
+  similarity's dependence on any other cell (main effects, through strength 2) and on any pair
+  of other cells (two-cell interactions, through the fold-over: a pair's product is unchanged
+  by complementing while k's state flips) add the same amount to every cell's estimate and
+  cancel out of the map, instead of adding noise of order ``1/√N``. In a Hadamard array alone
+  each two-cell interaction is aliased with a third cell's main effect (column a·b is a column),
+  which the fold-over removes.
+  A block shares one shift: with a shift per mask a pixel's weight would mix different cells in
+  different masks and the balance would be lost at that pixel. With the ``"relax"`` shift the
+  shifts are stratified too: every ``num_cells`` consecutive blocks (one draw, 896 masks for 7 × 7
+  cells) take each of the ``num_cells`` offsets once per axis, in the order of a random
+  permutation per axis, so each block's shift is still uniform but the map's sub-cell detail is
+  sampled evenly (measured: without it the fold-over gained nothing at 1024 masks). RISE's
+  offsets depend on the image size, so its blocks' shifts stay independent. A request that is
+  not a multiple of the block size ends with part of a block (still i.i.d. Bernoulli per mask,
+  only less balanced). The default of :class:`~sslens.explain.relax.RELAX`, which documents the
+  measured gain.
 
 ``"perceptual"`` — :class:`PerceptualMasks`, the distribution of the perceptual-components
 reference code (Yarici et al., ICIP 2024, https://arxiv.org/abs/2406.06930): a 14 × 14 grid
@@ -87,41 +97,50 @@ def _crop(upsampled: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: 
     return upsampled[index, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
-def _shifts(high: int, n: int, group: int, generator: torch.Generator) -> torch.Tensor:
+def _shifts(high: int, n: int, group: int, generator: torch.Generator, stratified: bool = False) -> torch.Tensor:
     """(n,) offsets uniform in 0..high-1, one draw shared by each run of ``group`` masks.
 
-    ``group=1`` draws exactly as relax-xai does (``torch.randint(0, high, (n,))``).
+    ``group=1`` draws exactly as relax-xai does (``torch.randint(0, high, (n,))``). With
+    ``stratified`` the runs take the values of random permutations of 0..high-1 in turn, so
+    every ``high`` consecutive runs use each offset once (each run's offset is still uniform).
     """
-    draws = torch.randint(0, high, (-(-n // group),), generator=generator, device=generator.device)
-    return draws.repeat_interleave(group)[:n]
+    runs = -(-n // group)
+    if stratified:
+        cycles = -(-runs // high)
+        draws = torch.cat([torch.randperm(high, generator=generator, device=generator.device) for _ in range(cycles)])
+    else:
+        draws = torch.randint(0, high, (runs,), generator=generator, device=generator.device)
+    return draws[:runs].repeat_interleave(group)[:n]
 
 
 @SHIFTS.register("relax")
 def relax_shift(
-    grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator, group: int = 1
+    grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator, group: int = 1, stratified: bool = False
 ) -> torch.Tensor:
     """relax-xai's shift: upsample to ``size``, reflect-pad by ``cells // 2``, shift 0..cells-1 px.
 
-    Each run of ``group`` consecutive masks shares one shift (1: every mask its own).
+    Each run of ``group`` consecutive masks shares one shift (1: every mask its own); with
+    ``stratified`` every ``cells`` consecutive runs use each offset once per axis.
     """
     cells = grid.shape[-1]
     pad = cells // 2
     upsampled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
     upsampled = F.pad(upsampled, (pad, pad, pad, pad), mode="reflect")
     n = grid.shape[0]
-    top = _shifts(cells, n, group, generator)
-    left = _shifts(cells, n, group, generator)
+    top = _shifts(cells, n, group, generator, stratified)
+    left = _shifts(cells, n, group, generator, stratified)
     return _crop(upsampled, top, left, size)
 
 
 @SHIFTS.register("rise")
 def rise_shift(
-    grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator, group: int = 1
+    grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator, group: int = 1, stratified: bool = False
 ) -> torch.Tensor:
     """RISE's shift: upsample to ``(cells + 1) · cell_size``, shift by up to one whole cell.
 
     RISE resizes with skimage (``order=1``, pixel-centre coordinates); bilinear with
-    ``align_corners=False`` is the same mapping. Each run of ``group`` masks shares one shift.
+    ``align_corners=False`` is the same mapping. Each run of ``group`` masks shares one shift;
+    with ``stratified`` every ``cell_size`` consecutive runs use each offset once per axis.
     """
     cells = grid.shape[-1]
     cell_h, cell_w = math.ceil(size[0] / cells), math.ceil(size[1] / cells)
@@ -129,8 +148,8 @@ def rise_shift(
         grid, size=((cells + 1) * cell_h, (cells + 1) * cell_w), mode="bilinear", align_corners=False
     )
     n = grid.shape[0]
-    top = _shifts(cell_h, n, group, generator)
-    left = _shifts(cell_w, n, group, generator)
+    top = _shifts(cell_h, n, group, generator, stratified)
+    left = _shifts(cell_w, n, group, generator, stratified)
     return _crop(upsampled, top, left, size)
 
 
@@ -166,10 +185,11 @@ def iid_grid(
 def orthogonal_grid(
     num: int, num_cells: int, p: float, generator: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
-    """(num, 1, num_cells, num_cells) cells from randomised orthogonal arrays, blocks of
-    :func:`hadamard_order` masks (see the module docstring); ``p`` must be 0.5."""
+    """(num, 1, num_cells, num_cells) cells from randomised orthogonal arrays of strength 3:
+    blocks of ``2 K`` masks (K = :func:`hadamard_order`), a strength-2 array of K rows followed by
+    its complement (see the module docstring); ``p`` must be 0.5."""
     order, cells, device = hadamard_order(num_cells), num_cells * num_cells, generator.device
-    blocks = -(-num // order)
+    blocks = -(-num // (2 * order))
     # Per block: the masks' order and which non-constant columns (1 .. order-1) become the cells.
     rows = torch.stack([torch.randperm(order, generator=generator, device=device) for _ in range(blocks)])
     columns = torch.stack(
@@ -177,7 +197,8 @@ def orthogonal_grid(
     )
     flips = torch.rand(blocks, 1, cells, generator=generator, device=device) < 0.5
     bits = sylvester_bits(order, device)[rows[:, :, None], columns[:, None, :]] ^ flips  # (blocks, order, cells)
-    return bits.reshape(blocks * order, 1, num_cells, num_cells)[:num].to(dtype)
+    folded = torch.cat([bits, ~bits], dim=1)  # the fold-over: every mask's complement follows in the block
+    return folded.reshape(blocks * 2 * order, 1, num_cells, num_cells)[:num].to(dtype)
 
 
 MaskSampler = Callable[[int, tuple[int, int], torch.Generator], torch.Tensor]
@@ -220,16 +241,27 @@ class RelaxMasks:
 
     @property
     def block_size(self) -> int:
-        """Masks per balanced block of ``"orthogonal"`` (64 for 7 × 7 cells); for ``"iid"`` the
-        same number groups masks into the independent blocks of the ``"blocks"`` stopping rule."""
-        return hadamard_order(self.num_cells)
+        """Masks per balanced block of ``"orthogonal"`` (128 for 7 × 7 cells: a Hadamard array
+        of 64 rows and its complement); for ``"iid"`` the same number groups masks into the
+        blocks of the ``"blocks"`` stopping rule."""
+        return 2 * hadamard_order(self.num_cells)
+
+    @property
+    def stratified_shifts(self) -> bool:
+        """Whether blocks take the shift offsets in stratified turns: ``"orthogonal"`` masks
+        with the ``"relax"`` shift, whose ``num_cells`` offsets per axis do not depend on the
+        image size (RISE's do, so its blocks' shifts stay independent)."""
+        return self.sampler == "orthogonal" and self.shift == "relax"
 
     @property
     def draw_size(self) -> int | None:
         """Masks per draw for callers that draw in rounds: ``"orthogonal"`` masks are drawn a
-        whole block at a time, so that the masks a seed gives do not depend on the rounds;
-        None for ``"iid"``, whose draws follow the rounds (as relax-xai's follow its batches)."""
-        return self.block_size if self.sampler == "orthogonal" else None
+        whole block (``"relax"`` shift: a whole cycle of ``num_cells`` blocks, one per shift
+        offset) at a time, so that the masks a seed gives do not depend on the rounds; None
+        for ``"iid"``, whose draws follow the rounds (as relax-xai's follow its batches)."""
+        if self.sampler != "orthogonal":
+            return None
+        return self.block_size * (self.num_cells if self.stratified_shifts else 1)
 
     def __call__(
         self, num: int, size: tuple[int, int], generator: torch.Generator, dtype: torch.dtype = torch.float32
@@ -239,12 +271,20 @@ class RelaxMasks:
                 f"Images of size {size} are too small for reflect padding by {self.num_cells // 2} px; "
                 f"use images larger than {self.num_cells // 2} px or fewer num_cells."
             )
+        if self.sampler == "orthogonal":
+            # Whole draws' cells are drawn even for a shorter request, so that a request of n
+            # masks gives the first n masks of a longer one (the generator advances the same way).
+            whole = -(-num // self.draw_size) * self.draw_size
+            grid = orthogonal_grid(whole, self.num_cells, self.p, generator, dtype)[:num]
+            return SHIFTS.get(self.shift)(grid, tuple(size), generator, self.block_size, self.stratified_shifts)
         grid = GRID_SAMPLERS.get(self.sampler)(num, self.num_cells, self.p, generator, dtype)
-        group = self.block_size if self.sampler == "orthogonal" else 1
-        return SHIFTS.get(self.shift)(grid, tuple(size), generator, group)
+        return SHIFTS.get(self.shift)(grid, tuple(size), generator)
 
     def info(self) -> dict:
-        block = {"block_size": self.block_size} if self.sampler == "orthogonal" else {}
+        block = (
+            {"block_size": self.block_size, "stratified_shifts": self.stratified_shifts}
+            if self.sampler == "orthogonal" else {}
+        )
         return {"masks": "relax", **asdict(self), **block}
 
 

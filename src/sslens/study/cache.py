@@ -23,7 +23,7 @@ from sslens.report.html import plain, write_json_atomic
 from sslens.train.checkpoint import atomic_write_bytes
 
 #: Bump when a stage's computation changes meaning, so old entries are not reused.
-CACHE_VERSION = 2  # 2: RELAX's defaults changed (orthogonal masks); invariance has a retest
+CACHE_VERSION = 3  # 2: RELAX defaults changed (orthogonal masks), invariance retest; 3: strength-3 blocks
 
 
 @dataclass
