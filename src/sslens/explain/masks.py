@@ -271,14 +271,12 @@ class RelaxMasks:
                 f"Images of size {size} are too small for reflect padding by {self.num_cells // 2} px; "
                 f"use images larger than {self.num_cells // 2} px or fewer num_cells."
             )
-        if self.sampler == "orthogonal":
-            # Whole draws' cells are drawn even for a shorter request, so that a request of n
-            # masks gives the first n masks of a longer one (the generator advances the same way).
-            whole = -(-num // self.draw_size) * self.draw_size
-            grid = orthogonal_grid(whole, self.num_cells, self.p, generator, dtype)[:num]
-            return SHIFTS.get(self.shift)(grid, tuple(size), generator, self.block_size, self.stratified_shifts)
-        grid = GRID_SAMPLERS.get(self.sampler)(num, self.num_cells, self.p, generator, dtype)
-        return SHIFTS.get(self.shift)(grid, tuple(size), generator)
+        # Orthogonal cells are drawn in whole draws even for a shorter request, so that a request
+        # of n masks gives the first n masks of a longer one (the generator advances the same way).
+        draw = self.draw_size or max(num, 1)
+        grid = GRID_SAMPLERS.get(self.sampler)(-(-num // draw) * draw, self.num_cells, self.p, generator, dtype)[:num]
+        group = self.block_size if self.sampler == "orthogonal" else 1
+        return SHIFTS.get(self.shift)(grid, tuple(size), generator, group, self.stratified_shifts)
 
     def info(self) -> dict:
         block = (

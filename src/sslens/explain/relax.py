@@ -550,7 +550,7 @@ def mask_rounds(
 ) -> Iterator[torch.Tensor]:
     """Yield ``num_masks`` masks from ``sampler`` in rounds of ``round_size``, (n, 1, H, W) each.
 
-    A sampler with a ``draw_size`` (the orthogonal one: whole blocks) is drawn in units of that
+    A sampler with a ``draw_size`` (the orthogonal one: whole cycles of blocks) is drawn in units of that
     size and regrouped, so its masks do not depend on ``round_size``; others are drawn a round
     at a time.
     """
@@ -636,7 +636,8 @@ class RELAX(Explainer):
             cells). With ``stop="blocks"`` a multiple of the block size (128 for 7 × 7 cells).
             ``"iid"`` masks are drawn a round at a time, so their sequence depends on it (with
             ``round_size=100`` it is relax-xai's for the same seed); ``"orthogonal"`` ones are
-            drawn a block at a time and do not.
+            drawn a whole draw (:attr:`~sslens.explain.masks.RelaxMasks.draw_size`, 896 masks
+            for 7 × 7 cells) at a time and do not.
         min_masks: masks before an image may stop.
         amp: bf16 autocast + channels_last for the encoder: None (default) on CUDA only, True
             on any device, False never.
@@ -734,7 +735,8 @@ class RELAX(Explainer):
                     return x * m + base * (1 - m)
 
                 (scores,) = packed_similarities(encoder, [(build, reference[active])], round_masks, batch_size, self.amp)
-                previous = estimator.importance[active].clone()
+                # Only the stopping rules read the previous map; unrolled rounds skip the copy.
+                previous = estimator.importance[active].clone() if self.adaptive else None
                 estimator.update(scores, round_masks, active)
                 if self.adaptive:
                     active = self._still_running(estimator, previous, active)

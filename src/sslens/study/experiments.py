@@ -149,7 +149,8 @@ def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
     from sslens.evaluate.invariance import saliency_invariance
 
     images = ctx.images(ctx.sample("invariance", samples))
-    relax = ctx.explain_fn("relax", _pooled(ctx, model))
+    encoder = _pooled(ctx, model)
+    relax = ctx.explain_fn("relax", encoder)
     first_maps = []  # the first image's map in each call: original, then each augmentation
 
     def explain(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +159,7 @@ def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
         return maps
 
     # Another seed draws other masks: the retest measures the explainer's own noise.
-    retest = ctx.explain_fn("relax", _pooled(ctx, model), seed=ctx.seed + 1) if settings["retest"] else None
+    retest = ctx.explain_fn("relax", encoder, seed=ctx.seed + 1) if settings["retest"] else None
     results = saliency_invariance(
         explain, images, augmentations=settings["augmentations"], mean=ctx.mean, std=ctx.std, retest_fn=retest
     )
