@@ -90,3 +90,7 @@ def test_save_explanation_png_writes_a_decodable_figure(tmp_path):
     assert width > 600 and height > 400
     with pytest.raises(ValueError, match="shape"):
         save_explanation_png(tmp_path / "bad.png", image, {"importance": np.zeros((8, 8))})
+    # A z-scored map is unbounded, so it cannot colour an overlay: refused up front, by name.
+    with pytest.raises(ValueError, match="'minmax' or 'percentile'"):
+        save_explanation_png(tmp_path / "z.png", image, maps, normalization="zscore")
+    assert not (tmp_path / "z.png").exists()

@@ -222,6 +222,42 @@ def test_unknown_layer_lists_valid_names(backbone):
         resolve_layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "conv")
 
 
+def test_dotted_backbone_paths_resolve_through_a_projection_encoder(backbone):
+    encoder = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, 8))
+    assert resolve_layer(encoder, "layer4.0.conv2")[1] is backbone.layer4[0].conv2
+    assert resolve_layer(encoder, "0.layer4.0.conv2")[1] is backbone.layer4[0].conv2
+
+
+def test_a_layer_outside_the_embedding_is_named_in_the_error(images):
+    class SideBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.unused = nn.Conv2d(4, 4, 3)
+            self.ignored = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            self.ignored(x)  # runs, but the embedding does not depend on it
+            return self.conv(x).mean(dim=(2, 3))
+
+    with pytest.raises(RuntimeError, match="'unused' recorded no activation"):
+        SimilarityCAM(SideBranch(), layer="unused")(images, reference="augmented")
+    with pytest.raises(RuntimeError, match="'ignored' recorded no gradient"):
+        SimilarityCAM(SideBranch(), layer="ignored")(images, reference="augmented")
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_works_inside_the_callers_no_grad_or_inference_mode(backbone, images, context):
+    refs = images.flip(-1)
+    expected = SimilarityCAM(backbone, layer="layer3", symmetric=True)(images, reference=refs)
+    with context():
+        # Tensors made in inference mode cannot be saved for backward unless cloned.
+        inner_images, inner_refs = images.clone(), refs.clone()
+        got = SimilarityCAM(backbone, layer="layer3", symmetric=True)(inner_images, reference=inner_refs)
+    assert torch.equal(got.importance, expected.importance)
+    assert torch.equal(got.components["reference"], expected.components["reference"])
+
+
 def test_plain_module_uses_dotted_names_and_last_conv_by_default():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 5, 3), nn.ReLU()))
     assert resolve_layer(model, None)[0] == "2.0"

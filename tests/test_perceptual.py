@@ -199,6 +199,10 @@ def test_depth_from_the_call_or_an_estimator():
         PerceptualComponents(tiny_encoder(), **kwargs)(x)
     with pytest.raises(ValueError, match=r"\(B, H, W\)"):
         PerceptualComponents(tiny_encoder(), **kwargs)(x, depth=depth[:1])
+    # An estimator's output is checked like depth passed in (here: a channel axis too many).
+    channelled = PerceptualComponents(tiny_encoder(), depth_estimator=lambda images: depth[:, None], **kwargs)
+    with pytest.raises(ValueError, match=r"depth_estimator's output must be a \(B, H, W\)"):
+        channelled(x)
 
 
 def test_a_gray_image_has_no_colour_to_remove():

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sslens.explain import create_explainer
 from sslens.explain.base import EXPLAINERS
 from sslens.explain.gradcam import SimilarityCAM
 
@@ -98,7 +99,8 @@ def test_eigencam_and_relax_run_on_a_vit(images):
     backbone = tiny_vit()
     eigen = EXPLAINERS.create("eigencam", backbone)(images, reference="augmented").importance
     assert eigen.shape == (2, 32, 32) and torch.isfinite(eigen).all()
-    relax = EXPLAINERS.create("relax", backbone, num_masks=40, batch_size=20, amp=False)(images)
+    # create_explainer loads every explainer module: this file alone never imports relax.
+    relax = create_explainer("relax", backbone, num_masks=40, batch_size=20, amp=False)(images)
     assert relax.importance.shape == (2, 32, 32) and torch.isfinite(relax.importance).all()
     assert relax.importance.std() > 0
 

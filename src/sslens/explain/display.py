@@ -141,7 +141,8 @@ def save_explanation_png(
 
     Layout: the top row shows the image, then one heatmap per entry of ``maps`` in raw values
     (the colour bar is labelled in those values); the bottom row shows each map's overlay on the
-    image, normalised with ``normalization`` (see :func:`normalize_map`). ``image`` is uint8
+    image, normalised with ``normalization``: "minmax" or "percentile" (see :func:`normalize_map`;
+    "zscore" is unbounded, and an overlay needs values in [0, 1]). ``image`` is uint8
     (H, W, 3); each map is (H, W). Uses matplotlib's Agg canvas directly, so no pyplot state or
     display is involved. Returns the path written.
     """
@@ -150,6 +151,11 @@ def save_explanation_png(
 
     if not maps:
         raise ValueError("maps is empty: pass at least one (H, W) map to draw")
+    if normalization not in ("minmax", "percentile"):
+        raise ValueError(
+            f"normalization must be 'minmax' or 'percentile' for an overlay, which needs values in [0, 1]; "
+            f"got {normalization!r}"
+        )
     image = np.asarray(image)
     columns = 1 + len(maps)
     figure = Figure(figsize=(3.2 * columns, 6.4 if title is None else 6.9), layout="constrained")

@@ -114,8 +114,8 @@ def resolve_layer(encoder: nn.Module, layer: str | None) -> tuple[str, nn.Module
     Names go through the first :class:`~sslens.models.base.Backbone` inside ``encoder`` (the
     encoder itself or the first module of ``nn.Sequential(backbone, projector)``), so "layer4"
     works for both encoder outputs; ``None`` picks the backbone's default (last) stage. Any
-    dotted submodule name of ``encoder`` (e.g. "0.layer4.0.conv2") is accepted too. Without a
-    Backbone, ``None`` picks the last ``nn.Conv2d``.
+    dotted submodule name of ``encoder`` (e.g. "0.layer4.0.conv2") or of its backbone
+    ("layer4.0.conv2") is accepted too. Without a Backbone, ``None`` picks the last ``nn.Conv2d``.
     """
     backbone = next((m for m in encoder.modules() if isinstance(m, Backbone)), None)
     if backbone is not None:
@@ -133,8 +133,11 @@ def resolve_layer(encoder: nn.Module, layer: str | None) -> tuple[str, nn.Module
         return convs[-1], encoder.get_submodule(convs[-1])
     else:
         valid = [name for name, _ in encoder.named_children()]
-    with contextlib.suppress(AttributeError):
-        return layer, encoder.get_submodule(layer)
+    # Dotted paths resolve from the encoder and, like the stage names, from its backbone, so
+    # "layer4.0.conv2" works for nn.Sequential(backbone, projector) too.
+    for root in (encoder, backbone) if backbone is not None else (encoder,):
+        with contextlib.suppress(AttributeError):
+            return layer, root.get_submodule(layer)
     raise ValueError(
         f"The encoder has no layer {layer!r}. Valid layer names: {', '.join(valid)} "
         f"(or any dotted submodule path of the encoder, e.g. {valid[-1] + '.0'!r})."
@@ -181,6 +184,12 @@ def _raw_cam_class(cam_class: type[BaseCAM]) -> type[BaseCAM]:
         def compute_cam_per_layer(self, input_tensor, targets, eigen_smooth):
             activations = [a.cpu().numpy() for a in self.activations_and_grads.activations]
             grads = [g.cpu().numpy() for g in self.activations_and_grads.gradients]
+            # pytorch-grad-cam would fail later on a None array with an unrelated message.
+            if len(activations) < len(self.target_layers) or (self.uses_gradients and len(grads) < len(activations)):
+                raise RuntimeError(
+                    f"Layer {self.layer_name!r} recorded no {'gradient' if activations else 'activation'}: "
+                    "it must run in the encoder's forward pass and the embedding must depend on its output."
+                )
             size = tuple(input_tensor.shape[-2:])
             maps = []
             for i, target_layer in enumerate(self.target_layers):
@@ -277,18 +286,17 @@ class SimilarityCAM(Explainer):
             # still requires grad, and the caller's parameter .grad stays untouched.
             cam.compute_input_gradient = True
             cam.batch_size = self.batch_size
-            targets = [SimilarityTarget(r) for r in references]
+            cam.layer_name = self.layer
             # ScoreCAM draws a tqdm progress bar per image on stderr; keep the caller's terminal
             # clean, but only there, so no other method's warnings are hidden.
             quiet = contextlib.redirect_stderr(io.StringIO()) if self.cam == "scorecam" else contextlib.nullcontext()
-            with quiet:
-                maps = cam(images.detach(), targets)
+            # The backward needs autograd also when the caller runs under no_grad or
+            # inference_mode; clones turn the caller's inference tensors into ones autograd can save.
+            with torch.inference_mode(False), torch.enable_grad(), quiet:
+                targets = [SimilarityTarget(r.clone()) for r in references]
+                maps = cam(images.detach().clone(), targets)
         finally:
             cam.activations_and_grads.release()
-        if not isinstance(maps, torch.Tensor) or maps.shape[0] != len(images):
-            raise RuntimeError(
-                f"The {self.cam} CAM returned no map for some images; is {self.layer!r} used in the forward pass?"
-            )
         return maps.float()
 
     def explain(

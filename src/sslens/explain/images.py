@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from sslens.data.base import normalize
 from sslens.errors import UserError
@@ -87,17 +87,22 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
 
 
 def load_rgb(path: str | Path) -> tuple[Image.Image, dict]:
-    """Read an image file as RGB, applying its EXIF orientation: (image, record)."""
+    """Read an image file as RGB, applying its EXIF orientation: (image, record).
+
+    ``original_size`` is (height, width) after that rotation; ``exif_orientation`` (1 = none)
+    says which one it was, so maps can be related back to the file's stored pixels.
+    """
     path = Path(path)
     try:
         with Image.open(path) as opened:
             opened.load()
+            orientation = int(opened.getexif().get(ExifTags.Base.Orientation, 1))
             image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UserError(f"Cannot read {path} as an image ({error}). Is it an image file, and complete?") from error
     rgb, conversion = _to_rgb(image)
     record = {"source": str(path), "original_mode": image.mode, "original_size": [image.height, image.width],
-              "conversion": conversion}
+              "exif_orientation": orientation, "conversion": conversion}
     return rgb, record
 
 

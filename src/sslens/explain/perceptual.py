@@ -378,15 +378,17 @@ class PerceptualComponents(Explainer):
 
     def _depth(self, pixels: torch.Tensor, depth: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
         """(depth (B, H, W) or None, reason it is missing or None)."""
-        if depth is not None:
-            expected = (pixels.shape[0], *pixels.shape[2:])
-            if not torch.is_tensor(depth) or tuple(depth.shape) != expected:
-                shape = tuple(depth.shape) if torch.is_tensor(depth) else type(depth).__name__
-                raise ValueError(f"depth must be a (B, H, W) = {expected} tensor matching the images; got {shape}")
-            return depth.to(device=pixels.device, dtype=pixels.dtype), None
-        if self.depth_estimator is None:
-            return None, "no depth maps were passed (depth=...) and no depth_estimator was given"
-        return self.depth_estimator(pixels).to(pixels.dtype), None
+        source = "depth"
+        if depth is None:
+            if self.depth_estimator is None:
+                return None, "no depth maps were passed (depth=...) and no depth_estimator was given"
+            # Any callable is accepted, so its output gets the same check as depth passed in.
+            depth, source = self.depth_estimator(pixels), "the depth_estimator's output"
+        expected = (pixels.shape[0], *pixels.shape[2:])
+        if not torch.is_tensor(depth) or tuple(depth.shape) != expected:
+            shape = tuple(depth.shape) if torch.is_tensor(depth) else type(depth).__name__
+            raise ValueError(f"{source} must be a (B, H, W) = {expected} tensor matching the images; got {shape}")
+        return depth.to(device=pixels.device, dtype=pixels.dtype), None
 
     def explain(self, images: torch.Tensor, depth: torch.Tensor | None = None) -> Explanation:
         self.encoder.eval()
