@@ -83,6 +83,52 @@ def test_gradcam_on_a_folder_writes_raw_maps_matching_the_explainer(model_dir, i
         assert_png(path)
 
 
+class FakeMidas(torch.nn.Module):
+    """Stands in for torch.hub's MiDaS: (B, 3, h, w) → (B, h, w), recording its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.shape)
+        return self.scale * x[:, 0] - x[:, 2]
+
+
+def test_depth_model_feeds_the_depth_component(model_dir, image_dir, tmp_path, monkeypatch, capsys):
+    from sslens.explain.depth import midas_depth_estimator
+    from sslens.explain.perceptual import PerceptualComponents
+
+    fake = FakeMidas()
+    monkeypatch.setattr(torch.hub, "load", lambda repo, name, **kwargs: fake)
+    paths = explain_images(
+        str(model_dir), [str(image_dir / "colour.png")], method="perceptual", out_dir=tmp_path,
+        components=["depth"], num_masks=8, depth_model="MiDaS_small",
+    )
+    assert "skipped" not in capsys.readouterr().out
+    assert fake.inputs == [torch.Size([1, 3, 256, 256])]  # MiDaS_small's input size
+    data = read_npz(paths[0])
+    assert json.loads(str(data["info"]))["options"]["depth_model"] == "MiDaS_small"
+    # The depth map is the estimator's, on exactly the preprocessed input.
+    method, _ = load_model(model_dir)
+    explainer = PerceptualComponents(
+        method.encoder("pooled"), components=["depth"], num_masks=8, seed=0, mean=MEAN, std=STD,
+        depth_estimator=midas_depth_estimator("MiDaS_small"),
+    )
+    expected = explainer(torch.from_numpy(data["input"])[None]).components["depth"][0]
+    np.testing.assert_allclose(data["component_depth"], expected.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_depth_model_errors_are_user_errors(model_dir, image_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "load", pytest.fail)  # never reached: checked before loading
+    image = [str(image_dir / "colour.png")]
+    with pytest.raises(UserError, match="--depth-model does not apply to relax"):
+        explain_images(str(model_dir), image, method="relax", out_dir=tmp_path, depth_model="MiDaS_small")
+    with pytest.raises(UserError, match="--depth-model: Unknown MiDaS model 'midas'.*MiDaS_small"):
+        explain_images(str(model_dir), image, method="perceptual", out_dir=tmp_path, depth_model="midas")
+
+
 def test_gradcam_with_a_reference_image_and_layer(model_dir, image_dir, tmp_path):
     paths = explain_images(
         str(model_dir), [str(image_dir / "colour.png")], method="gradcam++", out_dir=tmp_path,
@@ -182,6 +228,14 @@ def test_image_modes_are_converted_and_recorded(tmp_path):
     image, _ = load_rgb(tmp_path / "palette.gif")
     assert image.mode == "RGB" and np.asarray(image)[1, 1].tolist() == [10, 20, 30]
 
+    # EXIF orientation 6 (stored pixels need a 90° clockwise turn): applied and recorded.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (6, 4)).save(tmp_path / "rotated.jpg", exif=exif)
+    image, record = load_rgb(tmp_path / "rotated.jpg")
+    assert image.size == (4, 6) and record["original_size"] == [6, 4] and record["exif_orientation"] == 6
+    assert load_rgb(tmp_path / "alpha.png")[1]["exif_orientation"] == 1
+
 
 def test_preprocess_resizes_shorter_side_and_centre_crops():
     # A 2:1 image whose left and right quarters are black, middle white: after the resize to
@@ -206,12 +260,16 @@ def test_relax_writes_importance_and_uncertainty(model_dir, image_dir, tmp_path)
     assert_png(paths[1])
 
 
-def test_perceptual_writes_one_map_per_component(model_dir, image_dir, tmp_path):
+def test_perceptual_writes_one_map_per_component(model_dir, image_dir, tmp_path, capsys):
     paths = explain_images(
         str(model_dir), [str(image_dir / "colour.png")], method="perceptual", out_dir=tmp_path,
-        components=["color", "brightness"], num_masks=8,
+        components=["color", "brightness", "depth"], num_masks=8,
     )
     data = read_npz(paths[0])
     assert {"component_color", "component_brightness"} <= set(data)
+    # depth has no source here: skipped, and said so on the terminal, not only in the npz.
+    assert "component_depth" not in data and "depth" in json.loads(str(data["info"]))["explainer"]["skipped"]
+    assert "skipped depth: no depth maps" in (printed := capsys.readouterr().out)
+    assert "pass --depth-model MiDaS_small" in printed
     assert data["component_color"].shape == (32, 32)
     assert_png(paths[1])

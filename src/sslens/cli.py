@@ -211,6 +211,10 @@ def explain_command(
     num_masks: Annotated[int | None, typer.Option(help="Masks for relax/perceptual (default 3000).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the masks and augmentations.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
+    depth_model: Annotated[str | None, typer.Option(
+        help="MiDaS model for the perceptual depth component (MiDaS_small, MiDaS, DPT_Hybrid, DPT_Large), "
+        "loaded through torch.hub (online or from its cache); without it depth is skipped.",
+    )] = None,
 ) -> None:
     """Explain what a model's representation looks at; writes raw maps (.npz) and overlays (.png)."""
     from sslens.explain.run import explain_images
@@ -232,7 +236,7 @@ def explain_command(
     explain_images(
         model, image, method=method, out_dir=out, reference=reference, layer=layer,
         components=components.split(",") if components else None, weights=weights, arch=arch,
-        output=output, num_masks=num_masks, seed=seed, device=device,
+        output=output, num_masks=num_masks, seed=seed, device=device, depth_model=depth_model,
     )
 
 

@@ -50,8 +50,10 @@ class MidasDepth:
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype)[:, None, None]
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype)[:, None, None]
         x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        # The model may live elsewhere than the images (e.g. on the CPU beside CUDA images).
+        model_device = next(self.model.parameters()).device
         with torch.inference_mode():
-            depth = self.model((x - mean) / std)  # (B, h, w)
+            depth = self.model(((x - mean) / std).to(model_device)).to(images.device)  # (B, h, w)
         return F.interpolate(depth[:, None].float(), size=size, mode="bicubic", align_corners=False)[:, 0]
 
 

@@ -40,6 +40,7 @@ from sslens.errors import UserError
 # Imported for their side effect: each registers its explainers in EXPLAINERS.
 from sslens.explain import gradcam, perceptual, relax  # noqa: F401
 from sslens.explain.base import EXPLAINERS, Explainer, Explanation
+from sslens.explain.depth import midas_depth_estimator
 from sslens.explain.display import save_explanation_png, to_display_image
 from sslens.explain.images import check_readable, list_image_files, load_image_tensor
 
@@ -226,6 +227,7 @@ def explain_images(
     num_masks: int | None = None,
     seed: int = 0,
     device: str = "auto",
+    depth_model: str | None = None,
 ) -> list[Path]:
     """Explain each image file (folders expand to their images, sorted) and write npz + png.
 
@@ -245,6 +247,9 @@ def explain_images(
         num_masks: masks for RELAX-based methods (default: the explainer's).
         seed: seeds masks and augmented views.
         device: "auto", "cpu", "cuda", ...
+        depth_model: a MiDaS model (:data:`~sslens.explain.depth.MIDAS_MODELS`, e.g.
+            "MiDaS_small") that estimates depth for the perceptual "depth" component, loaded
+            through ``torch.hub``; None: that component is skipped, and the output says so.
 
     Returns the paths written, npz then png for each image (under torchrun: by all processes).
     Bad input raises :class:`~sslens.errors.UserError` with a message saying what to change.
@@ -260,7 +265,17 @@ def explain_images(
     size, mean, std = source["image_size"], source["mean"], source["std"]
     user_options = {"layer": layer, "num_masks": num_masks, "components": list(components) if components else None}
     user_options = {k: v for k, v in user_options.items() if v is not None}
-    explainer = build_explainer(method, encoder, user_options, {"seed": seed, "mean": mean, "std": std})
+    factory_options = dict(user_options)
+    if depth_model is not None:
+        # Checked before MiDaS is loaded, which can take minutes or fail offline.
+        if "depth_estimator" not in inspect.signature(EXPLAINERS.get(method)).parameters:
+            raise UserError(f"--depth-model does not apply to {method}; leave it out.")
+        try:
+            factory_options["depth_estimator"] = midas_depth_estimator(depth_model, torch_device)
+        except ValueError as error:
+            raise UserError(f"--depth-model: {error}") from error
+        user_options["depth_model"] = depth_model
+    explainer = build_explainer(method, encoder, factory_options, {"seed": seed, "mean": mean, "std": std})
     load = functools.partial(
         load_image_tensor, size=size, mean=mean, std=std,
         crop_pct=source["crop_pct"], interpolation=source["interpolation"],
@@ -298,6 +313,10 @@ def explain_images(
             title=f"{method} · {path.name} · {source.get('model') or source.get('weights')}",
         )
         line = f"{path}: wrote {npz_path} and {png_path}"
+        # A skipped component (e.g. depth with no depth source) is said here, not only in the npz.
+        line += "".join(f"; skipped {name}: {why}" for name, why in explanation.info.get("skipped", {}).items())
+        if "depth" in explanation.info.get("skipped", {}) and depth_model is None:
+            line += " (pass --depth-model MiDaS_small to estimate depth with MiDaS)"
         if not current.distributed:
             print(line)
         mine.append(([npz_path, png_path], line))
