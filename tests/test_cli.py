@@ -102,3 +102,19 @@ def test_train_preset_picks_the_methods_packaged_config(tmp_path, capsys):
     assert call("train", "--preset", "cifar10-slow") == 2
     assert "Presets for simclr: cifar10, cifar10-fast, synthetic" in capsys.readouterr().err
     assert call("train", "--preset", "synthetic", "--config", "simclr-synthetic") == 2
+
+
+def test_explain_perceptual_components_tolerate_spaces_and_depth_model_is_checked(tmp_path, capsys, imagenet_style_model):
+    import numpy as np
+    from PIL import Image
+
+    imagenet_style_model(tmp_path / "model")
+    Image.fromarray(np.full((24, 30, 3), 120, dtype=np.uint8)).save(tmp_path / "flat.png")
+    common = ("explain", str(tmp_path / "model"), "--image", str(tmp_path / "flat.png"), "--out", str(tmp_path / "out"),
+              "--device", "cpu", "--num-masks", "8")
+    assert call(*common, "--method", "perceptual", "--components", "color, brightness") == 0
+    with np.load(tmp_path / "out" / "flat_perceptual.npz") as data:
+        assert {"component_color", "component_brightness"} <= set(data.files)
+    capsys.readouterr()
+    assert call(*common, "--method", "relax", "--depth-model", "MiDaS_small") == 2
+    assert "--depth-model does not apply to relax" in capsys.readouterr().err

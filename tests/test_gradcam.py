@@ -220,6 +220,8 @@ def test_unknown_layer_lists_valid_names(backbone):
         SimilarityCAM(backbone, layer="layer9")
     with pytest.raises(ValueError, match="Valid layer names: 0, 1"):
         resolve_layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "conv")
+    with pytest.raises(ValueError, match="no submodules"):
+        resolve_layer(nn.Flatten(), "conv")
 
 
 def test_dotted_backbone_paths_resolve_through_a_projection_encoder(backbone):

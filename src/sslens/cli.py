@@ -235,7 +235,7 @@ def explain_command(
         arch = None
     explain_images(
         model, image, method=method, out_dir=out, reference=reference, layer=layer,
-        components=components.split(",") if components else None, weights=weights, arch=arch,
+        components=[c.strip() for c in components.split(",") if c.strip()] if components else None, weights=weights, arch=arch,
         output=output, num_masks=num_masks, seed=seed, device=device, depth_model=depth_model,
     )
 

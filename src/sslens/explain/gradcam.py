@@ -138,6 +138,8 @@ def resolve_layer(encoder: nn.Module, layer: str | None) -> tuple[str, nn.Module
     for root in (encoder, backbone) if backbone is not None else (encoder,):
         with contextlib.suppress(AttributeError):
             return layer, root.get_submodule(layer)
+    if not valid:
+        raise ValueError(f"The encoder has no layer {layer!r}: it has no submodules, so no layer to explain.")
     raise ValueError(
         f"The encoder has no layer {layer!r}. Valid layer names: {', '.join(valid)} "
         f"(or any dotted submodule path of the encoder, e.g. {valid[-1] + '.0'!r})."
