@@ -90,6 +90,26 @@ def test_shard_and_unshard_round_trip():
     assert unshard(parts, len(items)) == items
 
 
+def test_gather_with_grad_leaves_the_gradients_of_other_branches_alone(monkeypatch):
+    """Two ranks holding the same rows, simulated in one process: all_gather copies, all_reduce
+    doubles. An addition hands one gradient tensor to both of its inputs; the gather's backward
+    must sum over ranks for its own input only, not for the other branch (``w``)."""
+    import torch.distributed as dist
+
+    import sslens.distributed as distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, RANKS))
+    monkeypatch.setattr(dist, "all_gather", lambda parts, tensor: [part.copy_(tensor) for part in parts])
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: tensor.mul_(RANKS))
+    z = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(RANKS * 3, 4, requires_grad=True)
+    weights = torch.randn(RANKS * 3, 4)
+    scaled = w * 3.0  # created before the gather, so the engine runs the gather's backward first
+    ((distributed.gather_with_grad(z) + scaled) * weights).sum().backward()
+    torch.testing.assert_close(w.grad, 3.0 * weights)
+    torch.testing.assert_close(z.grad, RANKS * weights[:3])
+
+
 def _worlds(size: int):
     from sslens.distributed import World
 

@@ -145,8 +145,10 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         # Each rank's loss depends on every rank's rows; summing the gradients of all ranks
         # (all_reduce, which gloo supports, unlike reduce_scatter) and keeping this rank's slice
-        # gives this rank's rows the gradient of the sum of all ranks' losses.
-        grad = grad.contiguous()
+        # gives this rank's rows the gradient of the sum of all ranks' losses. On a copy: autograd
+        # may hand the same gradient tensor to other nodes too (an addition does), and an
+        # in-place sum would give them every rank's gradient instead of this rank's own.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         rank = world().rank
         return grad[rank * ctx.rows : (rank + 1) * ctx.rows]
