@@ -166,6 +166,15 @@ def test_moco_key_encoder_uses_shuffled_split_batch_norm():
         method.encode_keys(x[:6])
 
 
+def test_moco_key_bn_groups_are_balanced_when_the_batch_does_not_divide():
+    method = _method("moco", key_bn_splits=4)
+    sizes = []
+    method.key_backbone.register_forward_hook(lambda module, args, output: sizes.append(len(args[0])))
+    method.encode_keys(_views()[1][:10])
+    # Every one of the 4 groups keeps the >= 2 images the batch-size check promises.
+    assert sizes == [3, 3, 2, 2]
+
+
 def test_moco_momentum_update_is_exact():
     method = _method("moco", momentum=0.9)
     with torch.no_grad():

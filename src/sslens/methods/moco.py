@@ -144,7 +144,9 @@ class MoCo(SSLMethod):
         images = gather_no_grad(x)
         order = step_permutation(len(images), self.num_steps, self.seed)
         rows = slice(current.rank * len(x), (current.rank + 1) * len(x))
-        chunks = images[order[rows]].chunk(self.key_bn_splits)
+        # tensor_split, not chunk: chunk(4) of 10 rows gives 3, 3, 3, 1 (a BatchNorm group of one
+        # image, and of 9 rows only three groups); tensor_split gives 3, 3, 2, 2.
+        chunks = images[order[rows]].tensor_split(self.key_bn_splits)
         mine = torch.cat([self.key_projector(self.key_backbone(chunk)) for chunk in chunks])
         everyone = F.normalize(gather_no_grad(mine)[order.argsort()], dim=1)
         return everyone[rows], everyone
