@@ -242,3 +242,50 @@ def test_compiled_training_never_recompiles(tmp_path, monkeypatch):
     torch._dynamo.reset()
     assert dict(counters["frames"]) == {"total": 2, "ok": 2}
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_knn_monitor_runs_the_knn_on_the_training_device(tmp_path, monkeypatch):
+    """extract_features hands back CPU rows; on a GPU run the kNN must not run on the host while
+    the GPU waits. The meta device stands in for a GPU: only where the kNN runs is checked."""
+    import sslens.evaluate.features as features
+    import sslens.evaluate.knn as knn
+    from sslens.data.base import ImageData
+    from sslens.methods import create_method
+    from sslens.models import create_backbone
+    from sslens.train.loop import _knn_monitor
+
+    seen = []
+
+    def knn_top1(train_features, train_labels, test_features, test_labels, **options):
+        seen.append((train_features.device, test_features.device))
+        return 0.5
+
+    monkeypatch.setattr(features, "extract_features", lambda encoder, data, **options: torch.randn(len(data), 4))
+    monkeypatch.setattr(knn, "knn_top1", knn_top1)
+    data = ImageData(torch.zeros(6, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1] * 3), ["a", "b"])
+    method = create_method("simclr", create_backbone("resnet-tiny"))
+    assert _knn_monitor(method, data, data, tiny_config(tmp_path / "run"), torch.device("meta")) == 0.5
+    assert seen == [(torch.device("meta"), torch.device("meta"))]
+
+
+def test_resume_rewrites_the_log_atomically(tmp_path, monkeypatch):
+    """Resuming drops the records after the checkpoint by rewriting log.jsonl; when that write
+    fails (disk full, a kill), the old history must survive whole."""
+    import os
+
+    from sslens.train.loop import _RunLog
+
+    path = tmp_path / "log.jsonl"
+    history = "".join(json.dumps({"kind": "step", "step": step}) + "\n" for step in (2, 4, 6))
+    path.write_text(history)
+
+    def disk_full(fd):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        _RunLog(path, keep_until_step=4)
+    assert path.read_text() == history
+    monkeypatch.undo()
+    _RunLog(path, keep_until_step=4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]

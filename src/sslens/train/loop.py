@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from sslens.atomic import atomic_write_bytes
 from sslens.distributed import (
     barrier,
     broadcast_object,
@@ -241,11 +242,12 @@ class _RunLog:
         self.path = path
         if keep_until_step is not None and path.exists():
             # A resumed run repeats the steps after its checkpoint; drop their old records.
+            # Atomically: a kill during a plain rewrite would lose the run's whole history.
             kept = [
                 line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= keep_until_step
             ]
-            path.write_text("".join(f"{line}\n" for line in kept))
+            atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
         elif keep_until_step is None:
             path.write_text("")
 
@@ -315,7 +317,9 @@ def _knn_monitor(method: Any, train_data: Any, test_data: Any, config: TrainConf
     def features(data: Any) -> torch.Tensor:
         current = world()
         mine = data if not current.distributed else data.subset(torch.arange(current.rank, len(data), current.size))
-        rows = extract_features(encoder, mine, batch_size=batch_size, device=device)
+        # extract_features returns CPU rows; back on the device, the kNN (a test × train
+        # similarity and its top-k) runs there too instead of on the host while the GPU waits.
+        rows = extract_features(encoder, mine, batch_size=batch_size, device=device).to(device)
         return gather_sharded_rows(rows, len(data), device)
 
     train_features, test_features = features(train_data), features(test_data)
