@@ -168,6 +168,16 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert latest_checkpoint(tmp_path) == root / "epoch-0004"
 
 
+def test_checkpoints_past_epoch_9999_are_ordered_by_number(tmp_path):
+    method = make_method()
+    for epoch in (9999, 10000):
+        save_checkpoint(tmp_path, method, make_meta(epoch=epoch), {"epoch": epoch}, keep=1)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-10000", "latest"]
+    (root / "latest").unlink()
+    assert latest_checkpoint(tmp_path) == root / "epoch-10000"
+
+
 def test_latest_falls_back_to_the_newest_complete_directory(tmp_path):
     method = make_method()
     for epoch in (1, 2):

@@ -289,3 +289,12 @@ def test_resume_rewrites_the_log_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     _RunLog(path, keep_until_step=4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+
+
+def test_resume_drops_a_record_torn_by_a_kill(tmp_path):
+    from sslens.train.loop import _RunLog
+
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (2, 4)) + '{"kind": "st')
+    _RunLog(path, keep_until_step=4)
+    assert path.read_text() == "".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (2, 4))

@@ -173,7 +173,8 @@ def _checkpoint_dirs(root: Path) -> list[Path]:
         for path in root.iterdir()
         if path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
     ]
-    return sorted((path for path in found if _is_complete(path)), key=lambda p: p.name)
+    # By number: the names are zero-padded to four digits, so epoch-10000 sorts before epoch-9999 as text.
+    return sorted((path for path in found if _is_complete(path)), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def _prune(root: Path, *, keep: int, protect: str) -> None:

@@ -243,10 +243,10 @@ class _RunLog:
         if keep_until_step is not None and path.exists():
             # A resumed run repeats the steps after its checkpoint; drop their old records.
             # Atomically: a kill during a plain rewrite would lose the run's whole history.
-            kept = [
-                line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= keep_until_step
-            ]
+            # Every record ends with a newline, so text after the last one is a record torn by a
+            # kill mid-write; it cannot be read back, and dropping it beats refusing to resume.
+            complete = path.read_text().rpartition("\n")[0].splitlines()
+            kept = [line for line in complete if line.strip() and json.loads(line)["step"] <= keep_until_step]
             atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
         elif keep_until_step is None:
             path.write_text("")
