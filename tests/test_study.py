@@ -92,6 +92,7 @@ def test_unknown_top_level_key_lists_the_valid_ones():
         ({"samples": {"quality": 3}}, r"'quality' under samples"),
         ({"dataset": {"nme": "synthetic"}}, r"'nme' in the dataset section.*Valid keys: name"),
         ({"settings": {"faithfulness": {"explainers": ["relax", "gradcan"]}}}, r"'gradcan'.*gradcam"),
+        ({"title": ""}, r"title must be a non-empty string"),
     ],
 )
 def test_bad_sections_are_rejected_with_the_valid_keys(change, message):
@@ -219,6 +220,86 @@ def test_a_study_failing_midway_leaves_the_report_intact(finished, monkeypatch):
         study(out, changed)
     assert (out / "report.html").read_bytes() == report
     assert (out / "results.json").read_bytes() == results
+
+
+def test_a_report_that_fails_to_render_leaves_figures_and_results_intact(finished, monkeypatch):
+    out, _ = finished
+    paths = [out / "results.json", out / "report.html", *(out / "figures").iterdir()]
+    before = {path: path.read_bytes() for path in paths}
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("rendering failed")
+
+    monkeypatch.setattr("sslens.report.html._render_configuration", explode)
+    with pytest.raises(RuntimeError, match="rendering failed"):
+        study(out, tiny(title="Another title"))  # every stage cached; results.json would change
+    assert {path: path.read_bytes() for path in paths} == before
+
+
+def test_a_cache_entry_interrupted_while_replaced_is_never_a_hit(tmp_path, monkeypatch):
+    from sslens.study import cache as cache_module
+
+    cache = cache_module.StageCache(tmp_path)
+    cache.put("m", "e", "old", cache_module.StageResult({"v": 1}, {"x": np.zeros(2)}))
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed between the two writes")
+
+    # The new arrays are written, the new results are not.
+    monkeypatch.setattr(cache_module, "write_json_atomic", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        cache.put("m", "e", "new", cache_module.StageResult({"v": 2}, {"x": np.ones(3)}))
+    # The old results must not come back paired with the new arrays.
+    assert cache.get("m", "e", "old") is None
+    assert cache.get("m", "e", "new") is None
+
+
+def test_stage_keys_follow_the_data_not_only_the_dataset_section():
+    from sslens.data import load_dataset
+    from sslens.study.context import StudyContext
+    from sslens.study.experiments import stage_inputs
+
+    config = load_study_config(None, tiny())
+    train, test = (load_dataset("synthetic", split, num_images=8) for split in ("train", "test"))
+    # The same dataset section over other contents, as when the files of a data_dir change.
+    changed = test.subset(torch.arange(len(test) - 1, -1, -1))
+    cpu = torch.device("cpu")
+    for name in ("quality", "invariance"):
+        key = stage_inputs(StudyContext(config, cpu, train, test), name)
+        assert stage_inputs(StudyContext(config, cpu, train, test), name) == key
+        assert stage_inputs(StudyContext(config, cpu, train, changed), name) != key
+        assert stage_inputs(StudyContext(config, cpu, changed, test), name) != key
+
+
+def test_captions_count_the_images_measured_not_the_samples_asked_for():
+    from types import SimpleNamespace
+
+    from sslens.evaluate.faithfulness import deletion_insertion
+    from sslens.evaluate.sanity import model_randomization_test
+    from sslens.report.html import plain
+    from sslens.study import sections
+    from sslens.study.cache import StageResult
+
+    # A test split smaller than the samples asked for: 3 images measured of 16, 8 and 4.
+    ctx = SimpleNamespace(config=SimpleNamespace(samples={"localization": 16, "faithfulness": 8, "sanity": 4}))
+    scores = {"mean": 0.5, "std": 0.1, "per_image": [0.5] * 3, "undefined": 0}
+    localization = StageResult({"explainers": {"relax": {"pointing_game": scores, "relevance_mass": scores}},
+                                "num_images": 3})
+    caption = sections.localization(ctx, {"m": localization}, {}).tables[0].caption
+    assert "Over 3 test images" in caption
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    images = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    faithful = plain(deletion_insertion(encoder, images, torch.rand(3, 6, 6), steps=2))
+    caption = sections.faithfulness(ctx, {"m": StageResult({"relax": faithful})}, {"baseline": "zero"}).tables[0].caption
+    assert caption.startswith("Mean over 3 images")
+    sanity = plain(model_randomization_test(encoder, ["0"], _first_channel_maps, images))
+    caption = sections.sanity(ctx, {"m": StageResult({"relax": sanity})}, {"threshold": 0.5}).tables[0].caption
+    assert caption.endswith("; 3 images.")
+
+
+def _first_channel_maps(model: torch.nn.Module):
+    """Maps that depend on the weights: the first output channel, padded back to the image size."""
+    return lambda x: torch.nn.functional.pad(model[0](x)[:, 0], (1, 1, 1, 1))
 
 
 def test_changed_training_config_trains_into_a_fresh_folder(finished):

@@ -3,9 +3,10 @@
 A stage's output is stored in ``OUT/cache/<model>/<experiment>.json`` (the numbers) and
 ``<experiment>.npz`` (arrays drawn in figures: maps, coordinates), under a key hashing
 everything the stage depends on: the experiment's settings and sample count, the options of the
-explainers it runs, the dataset section, the seed and the SHA-256 of the model's weights file.
-A different key means the stage is recomputed and the entry replaced; both files are written
-atomically, the ``.npz`` first, so a readable ``.json`` always has its arrays beside it.
+explainers it runs, the dataset section and a fingerprint of the loaded images and labels, the
+seed and the SHA-256 of the model's weights file. A different key means the stage is recomputed
+and the entry replaced: the old ``.json`` is removed first, then both files are written
+atomically, the ``.npz`` first, so a readable ``.json`` always has its own arrays beside it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class StageCache:
     def put(self, model: str, experiment: str, key: str, result: StageResult) -> None:
         json_path, npz_path = self._paths(model, experiment)
         json_path.parent.mkdir(parents=True, exist_ok=True)
+        # Without this, a crash between the two writes would pair the old entry's results with
+        # the new arrays, and a later run under the old key would read them as a hit.
+        json_path.unlink(missing_ok=True)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **{name: np.asarray(value) for name, value in result.arrays.items()})
         atomic_write_bytes(npz_path, buffer.getvalue())

@@ -304,9 +304,13 @@ def load_study_config(path: str | Path | None, overrides: dict[str, Any] | None 
     experiments, samples, settings = _experiments(
         merged.get("experiments"), merged.get("samples"), merged.get("settings")
     )
+    title = _check_type("title", merged.get("title", "sslens study"), str)
+    if not title:
+        # Checked here, not only by the report at the very end, after every model has trained.
+        raise UserError("title must be a non-empty string: it is the report's heading.")
     return StudyConfig(
         models=models,
-        title=_check_type("title", merged.get("title", "sslens study"), str),
+        title=title,
         seed=seed,
         device=device,
         dataset=dataset,

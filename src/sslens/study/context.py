@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 
 from sslens.data.base import normalize, to_float
+from sslens.evaluate.features import tensor_fingerprint
+from sslens.study.cache import digest
 from sslens.study.config import StudyConfig
 from sslens.study.explainers import ExplainFn, build_explainer
 
@@ -46,6 +49,13 @@ class StudyContext:
     @property
     def std(self) -> tuple[float, float, float]:
         return tuple(self.test_data.std)
+
+    @functools.cached_property
+    def data_fingerprint(self) -> dict[str, str]:
+        """A digest of each split's contents, for the stage cache keys: the dataset section names
+        a folder, not what it holds, and a folder whose files changed must not reuse results
+        (nor show cached maps beside the new images drawn for the same sample indices)."""
+        return {"train": _split_fingerprint(self.train_data), "test": _split_fingerprint(self.test_data)}
 
     def generator(self, purpose: str) -> torch.Generator:
         """A CPU generator seeded from the study seed and ``purpose`` (stable across runs)."""
@@ -83,3 +93,15 @@ class StudyContext:
             name, encoder, self.config.explainers.get(name, {}), seed=self.seed if seed is None else seed,
             mean=self.mean, std=self.std,
         )
+
+
+def _split_fingerprint(data: Any) -> str:
+    """SHA-256 of a split's images, labels, masks and depth; streamed folders by their file list."""
+    tensors = {
+        name: tensor_fingerprint(value)
+        for name in ("images", "labels", "masks", "depth")
+        if torch.is_tensor(value := getattr(data, name, None))
+    }
+    # A streamed image folder keeps its pixels on disk; hashing them would mean reading them all.
+    files = [str(path) for path in getattr(data, "files", [])]
+    return digest({"tensors": tensors, "files": files, "image_size": list(data.image_size)})

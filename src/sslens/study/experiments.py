@@ -351,5 +351,6 @@ def stage_inputs(ctx: StudyContext, name: str) -> dict[str, Any]:
         "samples": ctx.config.samples.get(name),
         "explainers": {e: ctx.config.explainers.get(e, {}) for e in experiment.explainers_used(settings)},
         "dataset": ctx.config.dataset,
+        "data": ctx.data_fingerprint,
         "seed": ctx.seed,
     }

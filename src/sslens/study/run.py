@@ -38,7 +38,7 @@ from sslens.report import (
     Table,
     environment_info,
     format_cell,
-    render_report,
+    render_html,
     write_json_atomic,
 )
 from sslens.report.html import plain
@@ -167,14 +167,16 @@ def write_report(ctx: StudyContext, out: Path) -> tuple[Path, Path]:
         "config": ctx.config.to_dict(),
         "environment": environment,
     }
+    # Rendered before anything is written: an error here must leave the old figures and
+    # results.json as well as the old report, not new ones beside a stale report.
+    document = render_html(
+        title=ctx.config.title, sections=sections, config=ctx.config.to_dict(), environment=environment
+    )
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for file, png in figures.items():
         atomic_write_bytes(out / "figures" / file, png)
     write_json_atomic(out / "results.json", results)
-    render_report(
-        out / "report.html", title=ctx.config.title, sections=sections, config=ctx.config.to_dict(),
-        environment=environment,
-    )
+    atomic_write_bytes(out / "report.html", document.encode("utf-8"))
     return out / "report.html", out / "results.json"
 
 

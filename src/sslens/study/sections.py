@@ -72,9 +72,11 @@ def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
                  for m, o in outputs.items()]
     retest_note = (" Retest: the unchanged image explained again with other masks (seed + 1), the ceiling"
                    " an augmentation's score can reach given RELAX's own noise." if settings["retest"] else "")
-    count = ctx.config.samples["invariance"]
+    # The images drawn, fewer than samples.invariance when the test split is smaller.
+    indices = ctx.sample("invariance", ctx.config.samples["invariance"])
+    count = len(indices)
     # The example row shows each augmented image with its own map, in the augmented frame.
-    first = ctx.images(ctx.sample("invariance", count)[:1])
+    first = ctx.images(indices[:1])
     views = [("original", first)] + [
         (a, INVARIANCE_AUGMENTATIONS.create(a, mean=ctx.mean, std=ctx.std).apply(first)) for a in augmentations
     ]
@@ -103,13 +105,15 @@ def faithfulness(ctx, outputs: dict, settings: dict) -> SectionContent:
             rows.append([model, label(name), result["deletion_auc"], result["random_deletion_auc"],
                          result["insertion_auc"], result["random_insertion_auc"]])
         result = next(iter(output.results.values()))
+        # The images measured: fewer than samples.faithfulness when the test split is smaller.
+        count = len(result["per_image"]["deletion_auc"])
         curves["random deletion"] = (np.asarray(result["x"]), np.asarray(result["curves"]["random_deletion"]))
         curves["random insertion"] = (np.asarray(result["x"]), np.asarray(result["curves"]["random_insertion"]))
         figures.append((model, f"Deletion and insertion curves of {model}.", curves_figure(
             curves, xlabel="fraction of pixels removed / inserted", ylabel="cosine similarity to the original",
             title=model)))
     table = Table(["model", "explainer", "deletion AUC", "random deletion AUC", "insertion AUC",
-                   "random insertion AUC"], rows, f"Mean over {ctx.config.samples['faithfulness']} images; baseline {settings['baseline']!r}.")
+                   "random insertion AUC"], rows, f"Mean over {count} images; baseline {settings['baseline']!r}.")
     return SectionContent(figures, [table])
 
 
@@ -129,7 +133,7 @@ def localization(ctx, outputs: dict, settings: dict) -> SectionContent:
         [("scores", "Pointing game and relevance mass (mean ± std over images).",
           bar_chart(bars, ylabel="score", xlabel="metric", title="Localisation"))],
         [Table(["model", "explainer", "pointing game", "relevance mass"], rows,
-               f"Over {ctx.config.samples['localization']} test images with an object mask.")],
+               f"Over {output.results['num_images']} test images with an object mask.")],
     )
 
 
@@ -137,6 +141,7 @@ def sanity(ctx, outputs: dict, settings: dict) -> SectionContent:
     curves, rows = {}, []
     for model, output in outputs.items():
         for name, result in output.results.items():
+            count = len(result["spearman_per_image"][0])  # the images measured
             steps = ["none", *result["steps"]]
             curves[f"{model} · {label(name)}"] = (np.arange(len(steps)), np.asarray([1.0, *result["spearman_mean"]]))
             rows.append([model, label(name), " → ".join(result["steps"]),
@@ -147,7 +152,7 @@ def sanity(ctx, outputs: dict, settings: dict) -> SectionContent:
           curves_figure(curves, xlabel="blocks randomised (top first)", ylabel="Spearman correlation",
                         title="Cascading randomisation"))],
         [Table(["model", "explainer", "blocks randomised", "Spearman per step", "verdict", "flag"], rows,
-               f"Threshold {settings['threshold']} on the last step; {ctx.config.samples['sanity']} images.")],
+               f"Threshold {settings['threshold']} on the last step; {count} images.")],
     )
 
 
