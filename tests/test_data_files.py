@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -74,6 +75,47 @@ def test_cifar10_decodes_once_into_a_cache(tmp_path, monkeypatch):
     os.utime(tmp_path / "cifar-10-batches-py" / "data_batch_1", ns=(1, 1))
     with pytest.raises(AssertionError, match="decoded again"):
         load_dataset("cifar10", "train", data_dir=tmp_path)
+
+
+def test_cifar10_archive_is_extracted(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    written = _write_fake_cifar(tmp_path / "src", np.random.default_rng(0))
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    test = load_dataset("cifar10", "test", data_dir=tmp_path)
+    assert test.labels.tolist() == written["test_batch"][1]
+
+
+def test_cifar10_damaged_archive_is_a_dataset_error(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a gzip file at all" * 50)
+    with pytest.raises(DatasetError, match="damaged"):
+        load_dataset("cifar10", "train", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../escaped.txt", "cifar-10-batches-py/../../escaped.txt", "absolute"])
+def test_cifar10_archive_cannot_write_outside_data_dir(tmp_path, name):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    payload = b"overwritten"
+    with tarfile.open(data_dir / "cifar-10-python.tar.gz", "w:gz") as tar:
+        member = tarfile.TarInfo(str(tmp_path / "escaped.txt") if name == "absolute" else name)
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(DatasetError, match="outside"):
+        load_dataset("cifar10", "train", data_dir=data_dir)
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_cifar10_archive_links_are_refused(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / "cifar-10-python.tar.gz", "w:gz") as tar:
+        link = tarfile.TarInfo("cifar-10-batches-py")
+        link.type, link.linkname = tarfile.SYMTYPE, str(tmp_path)
+        tar.addfile(link)
+    with pytest.raises(DatasetError, match="link"):
+        load_dataset("cifar10", "train", data_dir=data_dir)
+    assert not (data_dir / "cifar-10-batches-py").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ CIFAR-10 (Krizhevsky, 2009, https://www.cs.toronto.edu/~kriz/cifar.html): 50,000
 
 from __future__ import annotations
 
+import tarfile
+import zlib
 from pathlib import Path
 
 import torch
 from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import extract_archive
 
 from sslens.data.base import DATASETS, ImageData
 from sslens.data.cache import fingerprint, load_cache, save_cache, writable_dir
@@ -41,13 +42,36 @@ def _source_files(data_dir: Path, split: str) -> list[Path]:
     return [folder / name for name in [*names, CIFAR10.meta["filename"]]]
 
 
+def _extract(archive: Path, data_dir: Path) -> None:
+    """Unpack ``archive`` into ``data_dir`` (resolved), refusing any member that is not a plain file or
+    folder inside it.
+
+    torchvision's ``extract_archive`` calls ``tarfile.extractall`` without a filter, which on
+    Python < 3.14 writes wherever a member's name (``../``, an absolute path) or a link points.
+    The archive here is whatever file the user put there, never checked against an MD5 sum.
+    """
+    with tarfile.open(archive, "r:gz") as tar:
+        members = tar.getmembers()
+        for member in members:
+            inside = (data_dir / member.name).resolve().is_relative_to(data_dir)
+            if not inside or not (member.isfile() or member.isdir()):
+                raise DatasetError(
+                    f"The archive {archive} holds {member.name!r}, which would be written outside "
+                    f"{data_dir} or is a link or device; the CIFAR-10 archive holds only "
+                    f"{CIFAR10.base_folder}/ and its files. Replace the archive with the original."
+                )
+        tar.extractall(data_dir, members=members)
+
+
 def _decode(data_dir: Path, split: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     folder = data_dir / CIFAR10.base_folder
     archive = data_dir / CIFAR10.filename
     if not folder.is_dir() and archive.is_file() and not download:
         try:
-            extract_archive(str(archive), str(data_dir))
-        except (OSError, EOFError, ValueError) as error:
+            _extract(archive, data_dir)
+        # tarfile raises ReadError (not an OSError) for a file that is no gzip/tar at all, and
+        # zlib.error for a corrupt compressed stream.
+        except (OSError, EOFError, tarfile.TarError, zlib.error) as error:
             raise DatasetError(_missing_message(data_dir, f"the archive {archive} is damaged: {error}")) from None
     if not folder.is_dir() and not download:
         raise DatasetError(_missing_message(data_dir, f"there is no folder {folder}"))
