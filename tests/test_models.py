@@ -102,6 +102,16 @@ def test_torchvision_state_dict_round_trip(name: str):
         torch.testing.assert_close(ours(x), reference(x))
 
 
+def test_checkpoints_older_than_num_batches_tracked_load():
+    # Saved before PyTorch 0.4.1, as torchvision's first ResNet files: no BatchNorm counters.
+    source = torchvision.models.resnet18(weights=None).state_dict()
+    source["layer1.0.bn1.running_var"].uniform_(0.5, 1.5)
+    old = {k: v for k, v in source.items() if not k.endswith("num_batches_tracked")}
+    ours = create_backbone("resnet18")
+    load_torchvision_state_dict(ours, old)
+    torch.testing.assert_close(ours.layer1[0].bn1.running_var, source["layer1.0.bn1.running_var"])
+
+
 def test_torchvision_import_lists_missing_unexpected_and_mismatched_keys():
     source = torchvision.models.resnet18(weights=None).state_dict()
     deeper = create_backbone("resnet34")

@@ -54,7 +54,12 @@ def state_dict_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str
 
     Shared by every loader of foreign weights, so nothing is ever silently ignored.
     """
-    missing = sorted(set(expected) - set(given))
+    # BatchNorm's num_batches_tracked counter arrived in PyTorch 0.4.1; checkpoints saved before
+    # it (torchvision's first ResNet files among them) lack it, and BatchNorm's own loader fills
+    # it in (it only matters for momentum=None), so its absence is not a mismatch.
+    missing = sorted(
+        key for key in set(expected) - set(given) if not key.endswith(".num_batches_tracked")
+    )
     unexpected = sorted(set(given) - set(expected))
     mismatched = sorted(
         f"{key}: checkpoint {tuple(given[key].shape)} vs backbone {tuple(expected[key].shape)}"
