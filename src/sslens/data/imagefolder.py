@@ -6,7 +6,8 @@ Layouts (class names = sorted folder names of the train side, so train and test 
   a test class unknown to train is an error.
 * ``data_dir/<class>/*`` (or only ``data_dir/train/<class>/*``): split per class into train and
   test by a seeded hash of each file's relative path, ``test_fraction`` of each class (rounded) to
-  test. Adding a file never moves other files between splits.
+  test. Adding a file moves at most one other file of its class between splits (the one at the
+  boundary of the hash order), so a file a model was trained on can become a test file.
 
 Everything is read and checked when the dataset is loaded, never hours into training:
 
