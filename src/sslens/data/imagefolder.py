@@ -5,9 +5,12 @@ Layouts (class names = sorted folder names of the train side, so train and test 
 * ``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*`` (ImageNet style): used as they are;
   a test class unknown to train is an error.
 * ``data_dir/<class>/*`` (or only ``data_dir/train/<class>/*``): split per class into train and
-  test by a seeded hash of each file's relative path, ``test_fraction`` of each class (rounded) to
-  test. Adding a file moves at most one other file of its class between splits (the one at the
-  boundary of the hash order), so a file a model was trained on can become a test file.
+  test by a seeded hash of each file's relative path: a file is a test file when its hash, read
+  as a fraction in [0, 1), is below ``test_fraction``. A file's split depends on its own path
+  and the seed alone, so adding or removing files never moves another file between splits (a
+  model trained before files were added is never evaluated on its own training images); each
+  class's test share is ``test_fraction`` on average rather than exactly, and a small class can
+  end up with no test (or no train) image, which the loader reports.
 
 Everything is read and checked when the dataset is loaded, never hours into training:
 
@@ -169,8 +172,9 @@ def _walk(folder: Path) -> list[Path]:
     return found
 
 
-def _hash_order(seed: int, name: str) -> str:
-    return hashlib.sha1(f"{seed}/{name}".encode()).hexdigest()
+def _hash_fraction(seed: int, name: str) -> float:
+    """``name``'s seeded SHA-1 read as a fraction in [0, 1)."""
+    return int.from_bytes(hashlib.sha1(f"{seed}/{name}".encode()).digest()) / 2**160
 
 
 def _scan(data_dir: Path, split: str, test_fraction: float, seed: int) -> _Listing:
@@ -209,9 +213,9 @@ def _scan(data_dir: Path, split: str, test_fraction: float, seed: int) -> _Listi
             else:
                 not_images.append(relative)
         if not explicit:
-            images.sort(key=lambda r: _hash_order(seed, r))
-            num_test = round(len(images) * test_fraction)
-            images = sorted(images[:num_test] if split == "test" else images[num_test:])
+            # Per file, not a rounded count per class: a count would move a boundary file from
+            # train to test whenever a new file raised it.
+            images = sorted(r for r in images if (_hash_fraction(seed, r) < test_fraction) == (split == "test"))
         files.extend(images)
         labels.extend([index[name]] * len(images))
     return _Listing(data_dir, files, labels, class_names, not_images, "folders" if explicit else "fraction")
