@@ -367,3 +367,29 @@ def test_a_checkpoint_expecting_other_inputs_is_fed_through_an_input_adapter(tmp
     # A model trained on the dataset itself is used as it is.
     trained_meta = {**meta, "image_size": list(data.image_size), "mean": list(data.mean), "std": list(data.std)}
     assert StudyModel("t", method, trained_meta, tmp_path, "", None, "trained").encoder("pooled", data) is method.backbone
+
+
+def test_a_finished_model_is_reused_only_on_the_data_it_was_trained_on(tmp_path):
+    from sslens.study.models import run_directory, training_data_fingerprint
+    from sslens.train.config import save_config
+
+    spec = load_study_config(None, tiny()).models[0]
+    primary = tmp_path / spec.name
+    primary.mkdir()
+    save_config(spec.train, primary / "config.yaml")
+    data = training_data_fingerprint(spec)
+    assert len(data) == 64 and training_data_fingerprint(spec) == data
+    # A first epoch cut short (no weights yet) is overwritten in place.
+    assert run_directory(tmp_path, spec, data) == primary
+    (primary / "model").mkdir()
+    meta = primary / "model" / "meta.json"
+    meta.write_text(json.dumps({"data_fingerprint": data}))
+    assert run_directory(tmp_path, spec, data) == primary
+    elsewhere = run_directory(tmp_path, spec, "0" * 64)  # the folder's files changed
+    assert elsewhere.parent == tmp_path and elsewhere.name.startswith(f"{spec.name}-")
+    meta.write_text(json.dumps({}))  # weights that record no data cannot be vouched for
+    assert run_directory(tmp_path, spec, data) != primary
+    # Fewer training images is other data, under the same dataset section's name.
+    fewer = dataclasses.replace(spec, train=dataclasses.replace(
+        spec.train, data_options={**spec.train.data_options, "num_images": 64}))
+    assert training_data_fingerprint(fewer) != data

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -139,6 +142,26 @@ def batch_slices(
     if world_size == 1:
         return batches
     return [batch.tensor_split(world_size)[rank] for batch in batches]
+
+
+def data_fingerprint(data: Any) -> str:
+    """SHA-256 of what a split holds: its class names, image size, and the bytes of its images,
+    labels, masks and depth; a streamed folder (pixels on disk) by its file list instead.
+
+    The study keys its cached results and its reuse of trained models on it: a dataset section
+    names a folder, not what it holds, and a folder whose files changed must not reuse either.
+    """
+    digest = hashlib.sha256(json.dumps(
+        {"class_names": list(data.class_names), "image_size": list(data.image_size),
+         "files": [str(path) for path in getattr(data, "files", [])]},
+    ).encode())
+    for name in ("images", "labels", "masks", "depth"):
+        value = getattr(data, name, None)
+        if torch.is_tensor(value):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
+            digest.update(value.view(torch.uint8).numpy() if value.dtype != torch.bool else value.numpy())
+    return digest.hexdigest()
 
 
 def load_dataset(name: str, split: str, **options) -> ImageData:

@@ -11,9 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sslens.data.base import normalize, to_float
-from sslens.evaluate.features import tensor_fingerprint
-from sslens.study.cache import digest
+from sslens.data.base import data_fingerprint, normalize, to_float
 from sslens.study.config import StudyConfig
 from sslens.study.explainers import ExplainFn, build_explainer
 
@@ -55,7 +53,7 @@ class StudyContext:
         """A digest of each split's contents, for the stage cache keys: the dataset section names
         a folder, not what it holds, and a folder whose files changed must not reuse results
         (nor show cached maps beside the new images drawn for the same sample indices)."""
-        return {"train": _split_fingerprint(self.train_data), "test": _split_fingerprint(self.test_data)}
+        return {"train": data_fingerprint(self.train_data), "test": data_fingerprint(self.test_data)}
 
     def generator(self, purpose: str) -> torch.Generator:
         """A CPU generator seeded from the study seed and ``purpose`` (stable across runs)."""
@@ -94,14 +92,3 @@ class StudyContext:
             mean=self.mean, std=self.std,
         )
 
-
-def _split_fingerprint(data: Any) -> str:
-    """SHA-256 of a split's images, labels, masks and depth; streamed folders by their file list."""
-    tensors = {
-        name: tensor_fingerprint(value)
-        for name in ("images", "labels", "masks", "depth")
-        if torch.is_tensor(value := getattr(data, name, None))
-    }
-    # A streamed image folder keeps its pixels on disk; hashing them would mean reading them all.
-    files = [str(path) for path in getattr(data, "files", [])]
-    return digest({"tensors": tensors, "files": files, "image_size": list(data.image_size)})

@@ -2,10 +2,13 @@
 
 A trained model is reused only when its run directory holds a finished model *and* the same
 training config (ignoring ``out``, ``progress``, ``device`` and ``compile``, which do not change
-what is learned). When ``OUT/models/<name>/`` holds a run with another config, the model is
-trained into ``OUT/models/<name>-<config hash>/`` instead, so a finished run is never replaced
-silently; the next study with the original config finds it again. An interrupted run with the
-same config is resumed from its latest checkpoint.
+what is learned) *and* was trained on the same data: the fingerprint of the training split
+(:func:`~sslens.data.base.data_fingerprint`) recorded with its weights must match, since a
+config names a data folder, not what it holds. When ``OUT/models/<name>/`` holds a run with
+another config or other data (or weights that record no fingerprint), the model is trained into
+``OUT/models/<name>-<hash>/`` instead, so a finished run is never replaced silently; the next
+study with the original config and data finds it again. An interrupted run with the same config
+and data is resumed from its latest checkpoint.
 
 Under ``torchrun`` rank 0 makes these decisions (and imports published checkpoints) and hands
 them to the other ranks, which then train with it and load the same files: deciding on every
@@ -27,7 +30,7 @@ import yaml
 from sslens.distributed import barrier, broadcast_object, world
 from sslens.study.cache import digest, file_sha256
 from sslens.study.config import ModelSpec
-from sslens.train.checkpoint import latest_checkpoint, load_model, resolve_model_file
+from sslens.train.checkpoint import META_FILE, latest_checkpoint, load_model, resolve_model_file
 from sslens.train.config import TrainConfig
 
 #: TrainConfig keys that do not change the learned weights' recipe.
@@ -81,14 +84,35 @@ def _stored_recipe(run_dir: Path) -> dict | None:
     return recipe(yaml.safe_load(path.read_text()) or {})
 
 
-def run_directory(models_root: Path, spec: ModelSpec) -> Path:
-    """Where ``spec`` is (or will be) trained: ``<name>/`` unless that holds another recipe."""
+def _stored_data(run_dir: Path) -> tuple[bool, str | None]:
+    """(whether the run has weights yet, the training data's fingerprint recorded with them)."""
+    for weights in (run_dir / "model", latest_checkpoint(run_dir)):
+        if weights is not None and (weights / META_FILE).is_file():
+            return True, json.loads((weights / META_FILE).read_text()).get("data_fingerprint")
+    return False, None
+
+
+def training_data_fingerprint(spec: ModelSpec) -> str:
+    """:func:`~sslens.data.base.data_fingerprint` of the training split ``spec`` trains on."""
+    from sslens.data.base import data_fingerprint
+    from sslens.train.loop import load_split
+
+    return data_fingerprint(load_split(spec.train, "train", torch.device("cpu")))
+
+
+def run_directory(models_root: Path, spec: ModelSpec, data: str) -> Path:
+    """Where ``spec`` is (or will be) trained on the data of fingerprint ``data``: ``<name>/``
+    unless that holds another recipe, or weights of other (or unrecorded) data."""
     wanted = recipe(spec.train)
     primary = models_root / spec.name
     stored = _stored_recipe(primary)
-    if not primary.exists() or stored == wanted or (stored is None and not any(primary.iterdir())):
+    if not primary.exists() or (stored is None and not any(primary.iterdir())):
         return primary
-    return models_root / f"{spec.name}-{digest(wanted)[:8]}"
+    has_weights, trained_on = _stored_data(primary)
+    # Without weights the folder holds at most an unfinished first epoch, which is overwritten.
+    if stored == wanted and (trained_on == data or not has_weights):
+        return primary
+    return models_root / f"{spec.name}-{digest({**wanted, 'data_fingerprint': data})[:8]}"
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -110,7 +134,7 @@ def training_seconds(run_dir: Path) -> float | None:
 
 def _training_plan(models_root: Path, spec: ModelSpec) -> tuple[Path, tuple[bool, bool] | None]:
     """(run directory, (resume, overwrite) for train(), or None when the run is finished)."""
-    run_dir = run_directory(models_root, spec)
+    run_dir = run_directory(models_root, spec, training_data_fingerprint(spec))
     if is_finished(run_dir):
         return run_dir, None
     resume = latest_checkpoint(run_dir) is not None
@@ -146,7 +170,7 @@ def prepare_model(
         return StudyModel(spec.name, method, meta, model_file, file_sha256(model_file), None, "checkpoint")
     run_dir, plan = broadcast_object(_training_plan(models_root, spec) if main else None)
     if run_dir.name != spec.name:
-        say(f"{models_root / spec.name} holds {spec.name} with another training config; training into {run_dir}")
+        say(f"{models_root / spec.name} holds {spec.name} with another training config or data; training into {run_dir}")
     source = "reused"
     if plan is not None:
         resume, overwrite = plan

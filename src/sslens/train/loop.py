@@ -368,6 +368,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         torch.manual_seed(config.seed)
         train_data = load_split(config, "train", device)
         test_data = load_split(config, "test", device) if config.knn_every > 0 else None
+        # Recorded with the weights: a study reuses a finished run only on the same data.
+        from sslens.data.base import data_fingerprint
+
+        train_fingerprint = data_fingerprint(train_data)
 
         method_options = _with_default_seed(METHODS.get(config.method), config.method_options, config.seed)
         with _user_input("backbone_options"):
@@ -425,6 +429,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                 "std": list(train_data.std),
                 "class_names": list(train_data.class_names),
                 "data": train_data.source or config.data,
+                "data_fingerprint": train_fingerprint,
                 "views": recipe.describe(),
                 "epoch": epoch,
                 "step": step,
