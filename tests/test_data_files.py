@@ -86,9 +86,25 @@ def test_cifar10_archive_is_extracted(tmp_path, monkeypatch):
     assert test.labels.tolist() == written["test_batch"][1]
 
 
+def test_cifar10_archive_failing_halfway_leaves_no_partial_folder(tmp_path, monkeypatch):
+    _write_fake_cifar(tmp_path / "src", np.random.default_rng(0))
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    extractall = tarfile.TarFile.extractall
+
+    def disk_full(self, path, members, **kwargs):
+        extractall(self, path, members=members[:2], **kwargs)  # the folder and its first file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", disk_full)
+    with pytest.raises(DatasetError, match="No space left"):
+        load_dataset("cifar10", "train", data_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz", "src"]
+
+
 def test_cifar10_damaged_archive_is_a_dataset_error(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a gzip file at all" * 50)
-    with pytest.raises(DatasetError, match="damaged"):
+    with pytest.raises(DatasetError, match="could not be extracted"):
         load_dataset("cifar10", "train", data_dir=tmp_path)
 
 

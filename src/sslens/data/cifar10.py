@@ -11,6 +11,7 @@ CIFAR-10 (Krizhevsky, 2009, https://www.cs.toronto.edu/~kriz/cifar.html): 50,000
 from __future__ import annotations
 
 import tarfile
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def _extract(archive: Path, data_dir: Path) -> None:
     torchvision's ``extract_archive`` calls ``tarfile.extractall`` without a filter, which on
     Python < 3.14 writes wherever a member's name (``../``, an absolute path) or a link points.
     The archive here is whatever file the user put there, never checked against an MD5 sum.
+    It is unpacked into a temporary folder beside the target and its data folder renamed into
+    place, so an archive that breaks halfway leaves no partial folder that later runs would read.
     """
     with tarfile.open(archive, "r:gz") as tar:
         members = tar.getmembers()
@@ -60,7 +63,12 @@ def _extract(archive: Path, data_dir: Path) -> None:
                     f"{data_dir} or is a link or device; the CIFAR-10 archive holds only "
                     f"{CIFAR10.base_folder}/ and its files. Replace the archive with the original."
                 )
-        tar.extractall(data_dir, members=members)
+        with tempfile.TemporaryDirectory(dir=data_dir, prefix=".sslens-extract-") as scratch:
+            tar.extractall(scratch, members=members)
+            unpacked = Path(scratch) / CIFAR10.base_folder
+            if not unpacked.is_dir():
+                raise DatasetError(_missing_message(data_dir, f"the archive {archive} holds no {CIFAR10.base_folder}/"))
+            unpacked.rename(data_dir / CIFAR10.base_folder)
 
 
 def _decode(data_dir: Path, split: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -72,7 +80,8 @@ def _decode(data_dir: Path, split: str, download: bool) -> tuple[torch.Tensor, t
         # tarfile raises ReadError (not an OSError) for a file that is no gzip/tar at all, and
         # zlib.error for a corrupt compressed stream.
         except (OSError, EOFError, tarfile.TarError, zlib.error) as error:
-            raise DatasetError(_missing_message(data_dir, f"the archive {archive} is damaged: {error}")) from None
+            why = f"the archive {archive} could not be extracted ({error}); is it complete, and is there disk space?"
+            raise DatasetError(_missing_message(data_dir, why)) from None
     if not folder.is_dir() and not download:
         raise DatasetError(_missing_message(data_dir, f"there is no folder {folder}"))
     try:
