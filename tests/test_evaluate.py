@@ -377,3 +377,18 @@ def test_format_results_table_aligns_percentages():
         format_results_table({"simclr": {"knn_top1": 81.2}})
     with pytest.raises(ValueError, match="non-empty"):
         format_results_table({})
+
+
+def test_streamed_folders_with_other_files_get_other_feature_keys(tmp_path):
+    from sslens.data.imagefolder import StreamingImageData
+    from sslens.evaluate import _data_identity
+
+    def folder(root, files):
+        return StreamingImageData(root, files, torch.zeros(len(files), dtype=torch.long), ["a"], (8, 8), None,
+                                  source="imagefolder train")
+
+    key = _data_identity(folder(tmp_path, ["a/1.png", "a/2.png"]))
+    assert _data_identity(folder(tmp_path, ["a/1.png", "a/2.png"])) == key
+    # Same source text and count: before, these shared one cache entry.
+    assert _data_identity(folder(tmp_path, ["a/1.png", "a/3.png"])) != key
+    assert _data_identity(folder(tmp_path / "other", ["a/1.png", "a/2.png"])) != key

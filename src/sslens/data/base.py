@@ -153,7 +153,7 @@ def data_fingerprint(data: Any) -> str:
     """
     digest = hashlib.sha256(json.dumps(
         {"class_names": list(data.class_names), "image_size": list(data.image_size),
-         "files": [str(path) for path in getattr(data, "files", [])]},
+         "root": str(getattr(data, "root", "")), "files": [str(path) for path in getattr(data, "files", [])]},
     ).encode())
     for name in ("images", "labels", "masks", "depth"):
         value = getattr(data, name, None)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sslens.data.base import data_fingerprint
 from sslens.evaluate.features import (
     FeatureCache,
     extract_features,
@@ -42,18 +43,16 @@ __all__ = [
 
 def _data_identity(data: Any) -> dict:
     """What distinguishes one dataset from another for the feature cache."""
-    identity = {
+    # Hashing the pixels and labels costs far less than one forward pass over them, and makes a
+    # stale hit impossible when a source description is vague or reused; a streamed folder is
+    # known by its root and file list.
+    return {
         "source": getattr(data, "source", ""),
         "num_images": len(data),
         "mean": list(data.mean),
         "std": list(data.std),
+        "data": data_fingerprint(data),
     }
-    images = getattr(data, "images", None)
-    if torch.is_tensor(images):
-        # Hashing the pixels costs far less than one forward pass over them, and makes a
-        # stale hit impossible when a source description is vague or reused.
-        identity["images"] = tensor_fingerprint(images)
-    return identity
 
 
 def _num_classes(train_data: Any, train_labels: torch.Tensor, test_labels: torch.Tensor) -> int:
