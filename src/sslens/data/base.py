@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from sslens.data.cache import hash_tensor
 from sslens.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -158,9 +159,8 @@ def data_fingerprint(data: Any) -> str:
     for name in ("images", "labels", "masks", "depth"):
         value = getattr(data, name, None)
         if torch.is_tensor(value):
-            value = value.detach().cpu().contiguous()
-            digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
-            digest.update(value.view(torch.uint8).numpy() if value.dtype != torch.bool else value.numpy())
+            digest.update(name.encode())
+            hash_tensor(digest, value)
     return digest.hexdigest()
 
 

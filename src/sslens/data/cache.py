@@ -30,6 +30,16 @@ def fingerprint(*parts: object) -> str:
     return digest.hexdigest()[:32]
 
 
+def hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    """Add ``tensor``'s dtype, shape and bytes to the hashlib ``digest``."""
+    if not torch.is_tensor(tensor):
+        raise TypeError(f"expected a torch.Tensor; got {type(tensor).__name__}")
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    # Viewing the bytes as uint8 works for every dtype, bfloat16 included, which numpy lacks.
+    raw = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+    digest.update(raw.numpy().tobytes())
+
+
 def user_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/sslens`` or ``~/.cache/sslens``: the fallback for read-only data folders."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -26,6 +26,7 @@ from torch import nn
 
 from sslens.atomic import atomic_write_bytes
 from sslens.data.base import normalize, to_float
+from sslens.data.cache import hash_tensor
 
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
@@ -51,7 +52,7 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     """SHA-256 over the dtype, shape and bytes of ``tensors`` (moved to the CPU to be read)."""
     digest = hashlib.sha256()
     for tensor in tensors:
-        _update_with_tensor(digest, tensor)
+        hash_tensor(digest, tensor)
     return digest.hexdigest()
 
 
@@ -66,17 +67,8 @@ def module_fingerprint(module: nn.Module) -> str:
     digest = hashlib.sha256(type(module).__qualname__.encode())
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
-        _update_with_tensor(digest, tensor)
+        hash_tensor(digest, tensor)
     return digest.hexdigest()
-
-
-def _update_with_tensor(digest: Any, tensor: torch.Tensor) -> None:
-    if not torch.is_tensor(tensor):
-        raise TypeError(f"expected a torch.Tensor; got {type(tensor).__name__}")
-    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-    # Viewing the bytes as uint8 works for every dtype, bfloat16 included, which numpy lacks.
-    raw = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
-    digest.update(raw.numpy().tobytes())
 
 
 class FeatureCache:
