@@ -26,7 +26,7 @@ import functools
 import inspect
 import json
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,10 @@ from sslens.explain.images import check_readable, list_image_files, load_image_t
 TORCHVISION_IMAGE_SIZE = (224, 224)
 
 #: Explainer option → the CLI flag that sets it, for error messages.
-USER_OPTIONS = {"layer": "--layer", "num_masks": "--num-masks", "components": "--components"}
+USER_OPTIONS = {
+    "layer": "--layer", "num_masks": "--num-masks", "components": "--components",
+    "depth_estimator": "--depth-model",
+}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -144,20 +147,28 @@ def _load_torchvision(weights: str, arch: str | None, output: str, device: torch
     }
 
 
+def check_options(method: str, names: Iterable[str]) -> Callable[..., Explainer]:
+    """``method``'s factory, once every option in ``names`` is one it accepts (else a UserError
+    naming the command-line flag)."""
+    try:
+        factory = EXPLAINERS.get(method)
+    except ValueError as error:
+        raise UserError(f"--method: {error}") from error
+    accepted = inspect.signature(factory).parameters
+    for name in names:
+        if name not in accepted:
+            raise UserError(f"{USER_OPTIONS.get(name, name)} does not apply to {method}; leave it out.")
+    return factory
+
+
 def build_explainer(method: str, encoder: nn.Module, options: dict, defaults: dict) -> Explainer:
     """``EXPLAINERS.create(method, encoder, ...)`` with the options its factory accepts.
 
     ``options`` are set by the user (not None): each must be an option of the explainer.
     ``defaults`` (seed, mean, std) are passed where the explainer takes them.
     """
-    try:
-        factory = EXPLAINERS.get(method)
-    except ValueError as error:
-        raise UserError(f"--method: {error}") from error
+    factory = check_options(method, options)
     accepted = inspect.signature(factory).parameters
-    for name in options:
-        if name not in accepted:
-            raise UserError(f"{USER_OPTIONS.get(name, name)} does not apply to {method}; leave it out.")
     kwargs = {**{k: v for k, v in defaults.items() if k in accepted}, **options}
     try:
         return factory(encoder, **kwargs)
@@ -267,9 +278,7 @@ def explain_images(
     user_options = {k: v for k, v in user_options.items() if v is not None}
     factory_options = dict(user_options)
     if depth_model is not None:
-        # Checked before MiDaS is loaded, which can take minutes or fail offline.
-        if "depth_estimator" not in inspect.signature(EXPLAINERS.get(method)).parameters:
-            raise UserError(f"--depth-model does not apply to {method}; leave it out.")
+        check_options(method, ["depth_estimator"])  # before MiDaS loads, which can take minutes or fail offline
         try:
             factory_options["depth_estimator"] = midas_depth_estimator(depth_model, torch_device)
         except ValueError as error:
