@@ -380,15 +380,15 @@ def test_a_finished_model_is_reused_only_on_the_data_it_was_trained_on(tmp_path)
     data = training_data_fingerprint(spec)
     assert len(data) == 64 and training_data_fingerprint(spec) == data
     # A first epoch cut short (no weights yet) is overwritten in place.
-    assert run_directory(tmp_path, spec, data) == primary
+    assert run_directory(tmp_path, spec, lambda: data) == primary
     (primary / "model").mkdir()
     meta = primary / "model" / "meta.json"
     meta.write_text(json.dumps({"data_fingerprint": data}))
-    assert run_directory(tmp_path, spec, data) == primary
-    elsewhere = run_directory(tmp_path, spec, "0" * 64)  # the folder's files changed
+    assert run_directory(tmp_path, spec, lambda: data) == primary
+    elsewhere = run_directory(tmp_path, spec, lambda: "0" * 64)  # the folder's files changed
     assert elsewhere.parent == tmp_path and elsewhere.name.startswith(f"{spec.name}-")
     meta.write_text(json.dumps({}))  # weights that record no data cannot be vouched for
-    assert run_directory(tmp_path, spec, data) != primary
+    assert run_directory(tmp_path, spec, lambda: data) != primary
     # Fewer training images is other data, under the same dataset section's name.
     fewer = dataclasses.replace(spec, train=dataclasses.replace(
         spec.train, data_options={**spec.train.data_options, "num_images": 64}))

@@ -18,6 +18,7 @@ rank could diverge once rank 0 has started writing the run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,9 +101,10 @@ def training_data_fingerprint(spec: ModelSpec) -> str:
     return data_fingerprint(load_split(spec.train, "train", torch.device("cpu")))
 
 
-def run_directory(models_root: Path, spec: ModelSpec, data: str) -> Path:
-    """Where ``spec`` is (or will be) trained on the data of fingerprint ``data``: ``<name>/``
-    unless that holds another recipe, or weights of other (or unrecorded) data."""
+def run_directory(models_root: Path, spec: ModelSpec, data: Callable[[], str]) -> Path:
+    """Where ``spec`` is (or will be) trained on the data whose fingerprint ``data()`` gives:
+    ``<name>/`` unless that holds another recipe, or weights of other (or unrecorded) data.
+    ``data`` is called only when the answer depends on it, so a first run loads no data here."""
     wanted = recipe(spec.train)
     primary = models_root / spec.name
     stored = _stored_recipe(primary)
@@ -110,9 +112,9 @@ def run_directory(models_root: Path, spec: ModelSpec, data: str) -> Path:
         return primary
     has_weights, trained_on = _stored_data(primary)
     # Without weights the folder holds at most an unfinished first epoch, which is overwritten.
-    if stored == wanted and (trained_on == data or not has_weights):
+    if stored == wanted and (not has_weights or trained_on == data()):
         return primary
-    return models_root / f"{spec.name}-{digest({**wanted, 'data_fingerprint': data})[:8]}"
+    return models_root / f"{spec.name}-{digest({**wanted, 'data_fingerprint': data()})[:8]}"
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -134,7 +136,7 @@ def training_seconds(run_dir: Path) -> float | None:
 
 def _training_plan(models_root: Path, spec: ModelSpec) -> tuple[Path, tuple[bool, bool] | None]:
     """(run directory, (resume, overwrite) for train(), or None when the run is finished)."""
-    run_dir = run_directory(models_root, spec, training_data_fingerprint(spec))
+    run_dir = run_directory(models_root, spec, functools.cache(lambda: training_data_fingerprint(spec)))
     if is_finished(run_dir):
         return run_dir, None
     resume = latest_checkpoint(run_dir) is not None
