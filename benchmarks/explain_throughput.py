@@ -28,8 +28,9 @@ from collections.abc import Callable
 import torch
 from encoders import MODELS
 
+from sslens.explain.engine import default_batch_size, embed, inference_encoder
 from sslens.explain.perceptual import ALL_COMPONENTS, PerceptualComponents
-from sslens.explain.relax import RELAX, default_batch_size, embed, inference_encoder
+from sslens.explain.relax import RELAX
 
 
 def synchronise(device: torch.device) -> None:

@@ -20,7 +20,7 @@ import torch
 from sslens.data import load_dataset
 from sslens.evaluate import evaluate_encoder
 from sslens.models.adapt import adapt_input
-from sslens.train.checkpoint import META_FILE, build_method, resolve_model_file
+from sslens.store import META_FILE, build_method, resolve_model_file
 
 
 def main() -> None:

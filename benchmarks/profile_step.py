@@ -51,11 +51,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from train_throughput import synchronize
 
 from sslens.data.augment import create_views
+from sslens.device import resolve_device
 from sslens.errors import UserError
 from sslens.methods import create_method
 from sslens.models import create_backbone
 from sslens.train.config import TrainConfig, load_config, packaged_configs, parse_assignment
-from sslens.train.loop import load_split, resolve_device, train_step
+from sslens.train.loop import train_step
 from sslens.train.optim import create_optimizer, lr_at, set_lr
 
 # Labels of the phases the script marks itself; "backward" comes from the autograd engine.
@@ -85,7 +86,7 @@ def labelled(function: Callable, label: str) -> Callable:
 def build(config: TrainConfig, device: torch.device):
     """Data, method, recipe and optimiser as ``train()`` builds them, with the phases labelled."""
     torch.manual_seed(config.seed)
-    data = load_split(config, "train", device)
+    data = config.data_split("train", device)
     # train() also fills in a "seed" option from config.seed; it seeds only MoCo's initial queue
     # and key permutations, which change no timing.
     method = create_method(config.method, create_backbone(config.backbone, **config.backbone_options),

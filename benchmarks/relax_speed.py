@@ -119,8 +119,8 @@ def bench_speed(size: int, args: argparse.Namespace, device: torch.device) -> di
 
 def trained_model(path: Path, device: torch.device) -> tuple[nn.Module, str]:
     """The pooled encoder of the sslens model in ``path``, trained there first if missing."""
+    from sslens.store import load_model
     from sslens.train import load_config, train
-    from sslens.train.checkpoint import load_model
 
     if not path.exists():
         print(f"training simclr-synthetic into {path} (resnet-tiny, about a minute on 2 CPU cores)", flush=True)

@@ -24,8 +24,9 @@ from encoders import resnet18_cifar
 from relax_speed import synthetic_test_images, trained_model
 from torch import nn
 
+from sslens.explain.engine import RelaxEstimator
 from sslens.explain.masks import RelaxMasks
-from sslens.explain.relax import RelaxEstimator, block_standard_error
+from sslens.explain.relax import block_standard_error
 
 
 def similarities(encoder: nn.Module, images: torch.Tensor, masks: torch.Tensor, batch: int = 256) -> torch.Tensor:

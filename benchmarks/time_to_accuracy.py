@@ -39,9 +39,11 @@ from typing import Any
 
 import torch
 
+from sslens.device import resolve_device
 from sslens.errors import UserError
+from sslens.store import RunDir
 from sslens.train.config import load_config, packaged_configs, parse_assignment
-from sslens.train.loop import RUN_MARKERS, load_split, resolve_device, train
+from sslens.train.loop import train
 
 POLL_INTERVAL_S = 0.02
 
@@ -195,7 +197,7 @@ def main() -> None:
     if out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             parser.error(f"{out} is not empty; pass --overwrite to delete the earlier run, or another --out")
-        if not any((out / marker).exists() for marker in RUN_MARKERS):
+        if not RunDir(out).markers():
             parser.error(f"{out} holds files but no sslens run; refusing to delete it with --overwrite")
         # Deleted here, before the clock starts, so the watcher never sees the old log.
         shutil.rmtree(out)
@@ -203,7 +205,7 @@ def main() -> None:
     try:
         if args.warm_data:
             for split in ("train", "test"):
-                load_split(config, split, torch.device("cpu"))
+                config.data_split(split, torch.device("cpu"))
         start = time.perf_counter()
         watcher = LogWatcher(out, start)
         watcher.start()

@@ -4,6 +4,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_cache(tmp_path_factory):
+    """Point the user cache (imported checkpoints, read-only datasets' caches) at a temporary
+    folder, so no test writes into the home directory of whoever runs it."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def imagenet_style_model():
     """Writes a model directory like an imported ImageNet model's: no training config, 40-px
@@ -13,7 +23,7 @@ def imagenet_style_model():
         from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
         from sslens.methods import create_method
         from sslens.models import create_backbone
-        from sslens.train.checkpoint import provenance, save_model
+        from sslens.store import provenance, save_model
 
         torch.manual_seed(0)
         method = create_method("simclr", create_backbone("resnet-tiny"))

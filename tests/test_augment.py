@@ -20,9 +20,8 @@ from sslens.data.augment import (
     adjust_saturation,
     color_jitter,
     create_views,
-    gaussian_blur,
-    grayscale,
     jitter_with_factors,
+    random_gaussian_blur,
     random_grayscale,
     random_horizontal_flip,
     random_resized_crop,
@@ -30,6 +29,7 @@ from sslens.data.augment import (
     simclr_kernel_size,
 )
 from sslens.data.augment import _crop_boxes as crop_boxes
+from sslens.data.pixels import luma
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -183,9 +183,9 @@ def test_grayscale_uses_luma_weights_and_equal_channels():
     )
     changed = ~(out == x).flatten(1).all(1)
     assert torch.equal(is_gray, changed) and 0 < int(is_gray.sum()) < 64
-    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-    torch.testing.assert_close(out[is_gray, 0], luma[is_gray], atol=1e-6, rtol=0)
-    torch.testing.assert_close(grayscale(torch.ones(1, 3, 2, 2)), torch.ones(1, 1, 2, 2))
+    expected = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    torch.testing.assert_close(out[is_gray, 0], expected[is_gray], atol=1e-6, rtol=0)
+    torch.testing.assert_close(luma(torch.ones(1, 3, 2, 2)), torch.ones(1, 1, 2, 2))
 
 
 def test_solarize_is_exact():
@@ -203,13 +203,13 @@ def test_solarize_is_exact():
 
 def test_blur_preserves_constant_images_and_mean():
     x = torch.full((4, 3, 9, 9), 0.37)
-    out = gaussian_blur(x, 5, (0.1, 2.0), p=1.0, generator=gen())
+    out = random_gaussian_blur(x, 5, (0.1, 2.0), p=1.0, generator=gen())
     torch.testing.assert_close(out, x, atol=1e-6, rtol=0)
 
 
 def test_blur_matches_torchvision_for_each_samples_sigma():
     x = images(batch=4, size=10)
-    out = gaussian_blur(x, 5, (0.5, 2.0), p=1.0, generator=gen(7))
+    out = random_gaussian_blur(x, 5, (0.5, 2.0), p=1.0, generator=gen(7))
     u = torch.rand((4, 2), generator=gen(7))
     sigmas = 0.5 + 1.5 * u[:, 0]
     expected = torch.stack(
@@ -220,7 +220,7 @@ def test_blur_matches_torchvision_for_each_samples_sigma():
 
 def test_blur_probability_keeps_unblurred_samples_exact():
     x = images(batch=64, size=8)
-    out = gaussian_blur(x, 3, p=0.5, generator=gen())
+    out = random_gaussian_blur(x, 3, p=0.5, generator=gen())
     kept = (out == x).flatten(1).all(1)
     assert 0 < int(kept.sum()) < 64
 
@@ -241,8 +241,8 @@ def test_simclr_kernel_is_ten_percent_and_odd():
         lambda x, g: random_resized_crop(x, 0, generator=g),
         lambda x, g: color_jitter(x, hue=0.7, generator=g),
         lambda x, g: color_jitter(x, brightness=-1, generator=g),
-        lambda x, g: gaussian_blur(x, 4, generator=g),
-        lambda x, g: gaussian_blur(x, 31, generator=g),
+        lambda x, g: random_gaussian_blur(x, 4, generator=g),
+        lambda x, g: random_gaussian_blur(x, 31, generator=g),
         lambda x, g: random_solarize(x, threshold=2.0, generator=g),
         lambda x, g: random_grayscale(x.permute(0, 2, 3, 1), 0.5, generator=g),
     ],

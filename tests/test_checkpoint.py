@@ -16,14 +16,13 @@ import torch
 from sslens.errors import UserError
 from sslens.methods import create_method
 from sslens.models import create_backbone
-from sslens.train.checkpoint import (
+from sslens.store import (
     REQUIRED_META_KEYS,
     SLEEP_ENV,
-    latest_checkpoint,
+    RunDir,
     load_model,
     load_training_state,
     provenance,
-    save_checkpoint,
     save_model,
 )
 
@@ -83,8 +82,8 @@ def test_load_model_accepts_file_model_dir_and_run_dir(tmp_path):
 
 def test_run_without_final_model_loads_the_latest_checkpoint(tmp_path):
     first, second = make_method(seed=1), make_method(seed=2)
-    save_checkpoint(tmp_path, first, make_meta(epoch=1), {"epoch": 1}, keep=2)
-    save_checkpoint(tmp_path, second, make_meta(epoch=2), {"epoch": 2}, keep=2)
+    RunDir(tmp_path).save_checkpoint(first, make_meta(epoch=1), {"epoch": 1}, keep=2)
+    RunDir(tmp_path).save_checkpoint(second, make_meta(epoch=2), {"epoch": 2}, keep=2)
     loaded, meta = load_model(tmp_path)
     assert meta["epoch"] == 2
     assert_same_state(second, loaded)
@@ -143,7 +142,7 @@ def test_checkpoint_state_loads_with_weights_only(tmp_path):
         "step": 30,
         "rng": {"torch_cpu": torch.get_rng_state(), "torch_cuda": []},
     }
-    path = save_checkpoint(tmp_path, method, make_meta(epoch=3), state, keep=2)
+    path = RunDir(tmp_path).save_checkpoint(method, make_meta(epoch=3), state, keep=2)
     assert path == tmp_path / "checkpoints" / "epoch-0003"
     raw = torch.load(path / "state.pt", weights_only=True)
     assert raw["epoch"] == 3 and raw["step"] == 30
@@ -161,33 +160,33 @@ def test_checkpoint_state_loads_with_weights_only(tmp_path):
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     method = make_method()
     for epoch in range(1, 5):
-        save_checkpoint(tmp_path, method, make_meta(epoch=epoch), {"epoch": epoch}, keep=2)
+        RunDir(tmp_path).save_checkpoint(method, make_meta(epoch=epoch), {"epoch": epoch}, keep=2)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["epoch-0003", "epoch-0004", "latest"]
     assert (root / "latest").read_text().strip() == "epoch-0004"
-    assert latest_checkpoint(tmp_path) == root / "epoch-0004"
+    assert RunDir(tmp_path).latest_checkpoint() == root / "epoch-0004"
 
 
 def test_checkpoints_past_epoch_9999_are_ordered_by_number(tmp_path):
     method = make_method()
     for epoch in (9999, 10000):
-        save_checkpoint(tmp_path, method, make_meta(epoch=epoch), {"epoch": epoch}, keep=1)
+        RunDir(tmp_path).save_checkpoint(method, make_meta(epoch=epoch), {"epoch": epoch}, keep=1)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["epoch-10000", "latest"]
     (root / "latest").unlink()
-    assert latest_checkpoint(tmp_path) == root / "epoch-10000"
+    assert RunDir(tmp_path).latest_checkpoint() == root / "epoch-10000"
 
 
 def test_latest_falls_back_to_the_newest_complete_directory(tmp_path):
     method = make_method()
     for epoch in (1, 2):
-        save_checkpoint(tmp_path, method, make_meta(epoch=epoch), {"epoch": epoch}, keep=3)
+        RunDir(tmp_path).save_checkpoint(method, make_meta(epoch=epoch), {"epoch": epoch}, keep=3)
     root = tmp_path / "checkpoints"
     (root / "latest").unlink()
     (root / "epoch-0009").mkdir()  # incomplete: no files
-    assert latest_checkpoint(tmp_path) == root / "epoch-0002"
+    assert RunDir(tmp_path).latest_checkpoint() == root / "epoch-0002"
     (root / "latest").write_text("epoch-0009\n")
-    assert latest_checkpoint(tmp_path) == root / "epoch-0002"
+    assert RunDir(tmp_path).latest_checkpoint() == root / "epoch-0002"
 
 
 WRITER = textwrap.dedent(
@@ -195,20 +194,20 @@ WRITER = textwrap.dedent(
     import os, sys, torch
     from sslens.methods import create_method
     from sslens.models import create_backbone
-    from sslens.train.checkpoint import SLEEP_ENV, save_checkpoint
+    from sslens.store import SLEEP_ENV, RunDir
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make_meta
 
     run = sys.argv[1]
     torch.manual_seed(1)
     method = create_method("simclr", create_backbone("resnet-tiny"))
-    save_checkpoint(run, method, make_meta(epoch=1), {{"epoch": 1}}, keep=2)
+    RunDir(run).save_checkpoint(method, make_meta(epoch=1), {{"epoch": 1}}, keep=2)
     with torch.no_grad():
         for p in method.parameters():
             p.add_(1.0)
     os.environ[SLEEP_ENV] = "30"
     print("writing", flush=True)
-    save_checkpoint(run, method, make_meta(epoch=2), {{"epoch": 2}}, keep=2)
+    RunDir(run).save_checkpoint(method, make_meta(epoch=2), {{"epoch": 2}}, keep=2)
     """
 )
 
@@ -235,7 +234,7 @@ def test_killed_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path):
             process.kill()
             process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert latest_checkpoint(tmp_path) == root / "epoch-0001"
+    assert RunDir(tmp_path).latest_checkpoint() == root / "epoch-0001"
     loaded, meta = load_model(tmp_path)
     assert meta["epoch"] == 1
     assert_same_state(make_method(seed=1), loaded)

@@ -117,4 +117,4 @@ def test_explain_perceptual_components_tolerate_spaces_and_depth_model_is_checke
         assert {"component_color", "component_brightness"} <= set(data.files)
     capsys.readouterr()
     assert call(*common, "--method", "relax", "--depth-model", "MiDaS_small") == 2
-    assert "--depth-model does not apply to relax" in capsys.readouterr().err
+    assert "--depth-model does not apply to the relax explainer" in capsys.readouterr().err

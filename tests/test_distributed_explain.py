@@ -8,6 +8,7 @@ runs ``sslens explain`` through the command line, then a small study.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -83,7 +84,7 @@ def write_model(directory: Path) -> Path:
     32-px images to it)."""
     from sslens.methods import create_method
     from sslens.models import create_backbone
-    from sslens.train.checkpoint import provenance, save_model
+    from sslens.store import provenance, save_model
 
     torch.manual_seed(0)
     save_model(directory, create_method("simclr", create_backbone("resnet-tiny")), {
@@ -134,12 +135,12 @@ def test_without_torchrun_the_explainer_sees_the_whole_batch():
 def test_study_gradcam_views_are_those_of_reference_augmented(model_dir):
     """The study draws the CAM's augmented views itself (before splitting the batch): they must
     stay the views SimilarityCAM draws for ``reference="augmented"``."""
-    from sslens.study.explainers import build_explainer
-    from sslens.train.checkpoint import load_model
+    from sslens.store import load_model
+    from sslens.study.explainers import explain_fn
 
     encoder = load_model(model_dir)[0].encoder("pooled")
     images = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
-    maps = build_explainer("gradcam", encoder, {}, seed=5, mean=IMAGENET_MEAN, std=IMAGENET_STD)(images)
+    maps = explain_fn("gradcam", encoder, {}, seed=5, mean=IMAGENET_MEAN, std=IMAGENET_STD)(images)
     expected = SimilarityCAM(encoder, seed=5)(images, reference="augmented").importance
     torch.testing.assert_close(maps, expected, rtol=0, atol=0)
 
@@ -193,6 +194,7 @@ def _instrument(patch) -> dict[str, int]:
     counts = {"images": 0, "cache_entries": 0, "reports": 0}
 
     def counting(function, key: str, images_argument: int | None = None):
+        @functools.wraps(function)  # keeps the signature the study reads (does it take a reference?)
         def wrapper(*args, **kwargs):
             counts[key] += 1 if images_argument is None else len(args[images_argument])
             return function(*args, **kwargs)
@@ -208,13 +210,13 @@ def _instrument(patch) -> dict[str, int]:
 
 def _explain_fn_maps(model_dir: Path) -> dict[str, np.ndarray]:
     """The study's relax and gradcam maps of 5 random images (augmented views drawn in batch order)."""
-    from sslens.study.explainers import build_explainer
-    from sslens.train.checkpoint import load_model
+    from sslens.store import load_model
+    from sslens.study.explainers import explain_fn
 
     encoder = load_model(model_dir)[0].encoder("pooled")
     images = torch.randn(5, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     return {
-        name: build_explainer(name, encoder, options, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD)(images).numpy()
+        name: explain_fn(name, encoder, options, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD)(images).numpy()
         for name, options in (("relax", {"num_masks": 8}), ("gradcam", {}))
     }
 

@@ -20,8 +20,8 @@ from sslens.evaluate import (
     knn_predict,
     knn_top1,
     linear_probe,
-    module_fingerprint,
 )
+from sslens.hashing import module_sha256
 
 
 def make_data(count: int = 20, size: int = 8, seed: int = 0, num_classes: int = 2) -> ImageData:
@@ -111,7 +111,7 @@ def test_extract_features_rejects_bad_encoder_output_and_arguments():
 
 def test_cache_skips_the_encoder_on_the_second_call(tmp_path):
     data, encoder, cache = make_data(), CountingEncoder(), FeatureCache(tmp_path / "features")
-    key = feature_cache_key(weights=module_fingerprint(encoder), data=data.source, split="train")
+    key = feature_cache_key(weights=module_sha256(encoder), data=data.source, split="train")
 
     first = extract_features(encoder, data, batch_size=8, cache=cache, cache_key=key)
     assert encoder.images_seen == 20
@@ -152,14 +152,14 @@ def test_feature_cache_key_is_order_free_and_sensitive_to_every_part():
         feature_cache_key()
 
 
-def test_module_fingerprint_follows_the_weights():
+def test_module_sha256_follows_the_weights():
     encoder = make_encoder()
     twin = copy.deepcopy(encoder)
-    assert module_fingerprint(encoder) == module_fingerprint(twin)
+    assert module_sha256(encoder) == module_sha256(twin)
     with torch.no_grad():
         twin[0].weight[0, 0, 0, 0] += 1e-3
-    assert module_fingerprint(encoder) != module_fingerprint(twin)
-    assert module_fingerprint(encoder) != module_fingerprint(make_encoder(seed=1))
+    assert module_sha256(encoder) != module_sha256(twin)
+    assert module_sha256(encoder) != module_sha256(make_encoder(seed=1))
 
 
 # ---------------------------------------------------------------- weighted kNN
@@ -381,7 +381,7 @@ def test_format_results_table_aligns_percentages():
 
 def test_streamed_folders_with_other_files_get_other_feature_keys(tmp_path):
     from sslens.data.imagefolder import StreamingImageData
-    from sslens.evaluate import _data_identity
+    from sslens.evaluate.quality import _data_identity
 
     def folder(root, files):
         return StreamingImageData(root, files, torch.zeros(len(files), dtype=torch.long), ["a"], (8, 8), None,

@@ -11,13 +11,13 @@ import torchvision
 from PIL import Image
 
 from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
+from sslens.data.images import load_image_tensor, load_rgb, preprocess
 from sslens.errors import UserError
 from sslens.explain.gradcam import SimilarityCAM
-from sslens.explain.images import load_image_tensor, load_rgb, preprocess
 from sslens.explain.run import explain_images
 from sslens.methods import create_method
 from sslens.models import create_backbone
-from sslens.train.checkpoint import load_model, provenance, save_model
+from sslens.store import load_model, provenance, save_model
 
 torch.set_num_threads(1)
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -123,7 +123,7 @@ def test_depth_model_feeds_the_depth_component(model_dir, image_dir, tmp_path, m
 def test_depth_model_errors_are_user_errors(model_dir, image_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "load", pytest.fail)  # never reached: checked before loading
     image = [str(image_dir / "colour.png")]
-    with pytest.raises(UserError, match="--depth-model does not apply to relax"):
+    with pytest.raises(UserError, match="--depth-model does not apply to the relax explainer"):
         explain_images(str(model_dir), image, method="relax", out_dir=tmp_path, depth_model="MiDaS_small")
     with pytest.raises(UserError, match="--depth-model: Unknown MiDaS model 'midas'.*MiDaS_small"):
         explain_images(str(model_dir), image, method="perceptual", out_dir=tmp_path, depth_model="midas")
@@ -181,9 +181,9 @@ def test_duplicate_stems_do_not_overwrite(model_dir, image_dir, tmp_path):
         ({"images": ["BROKEN"]}, ["broken.png", "Cannot read"]),
         ({"layer": "layer9"}, ["layer9", "Valid layer names: stem, layer1, layer2, layer3, layer4"]),
         ({"reference": None}, ["--reference IMAGE", "--reference augmented"]),
-        ({"method": "gradcamm"}, ["Unknown method 'gradcamm'", "gradcam", "relax", "perceptual"]),
-        ({"method": "relax", "layer": "layer4", "reference": None}, ["--layer does not apply to relax"]),
-        ({"method": "relax"}, ["--reference does not apply to relax"]),
+        ({"method": "gradcamm"}, ["Unknown explainer 'gradcamm'", "gradcam", "relax", "perceptual"]),
+        ({"method": "relax", "layer": "layer4", "reference": None}, ["--layer does not apply to the relax explainer"]),
+        ({"method": "relax"}, ["--reference does not apply to the relax explainer"]),
         ({"weights": "w.pth"}, ["either an sslens model", "--weights"]),
         ({"model": None, "weights": "w.pth"}, ["--weights needs --arch"]),
         ({"output": "logits"}, ["'pooled' or 'projection'"]),

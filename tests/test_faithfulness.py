@@ -5,12 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslens.evaluate.faithfulness import (
-    DELETION_BASELINES,
-    deletion_insertion,
-    pixel_ranks,
-    trapezoid_auc,
-)
+from sslens.explain.baselines import make_baseline
+from sslens.explain.metrics.faithfulness import deletion_insertion, pixel_ranks, trapezoid_auc
 
 R = 1 / math.sqrt(2)
 
@@ -62,7 +58,7 @@ def test_curve_endpoints_are_one_and_the_baseline_similarity():
     encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())
     images, maps = torch.randn(3, 3, 6, 6), torch.rand(3, 6, 6)
     result = deletion_insertion(encoder, images, maps, steps=5, baseline="blur", blur_sigma=1.0)
-    blurred = DELETION_BASELINES.create("blur", images, 1.0)
+    blurred = make_baseline("blur", images, blur_sigma=1.0)
     with torch.no_grad():
         expected = F.cosine_similarity(encoder(blurred), encoder(images)).tolist()
     curves = result["per_image_curves"]

@@ -268,7 +268,7 @@ def test_plain_module_uses_dotted_names_and_last_conv_by_default():
 
 
 def test_bad_arguments_raise_with_a_fix(backbone, images):
-    with pytest.raises(ValueError, match="Choose one of"):
+    with pytest.raises(ValueError, match="Unknown CAM method 'gradcam3'. Did you mean 'gradcam'"):
         SimilarityCAM(backbone, cam="gradcam3")
     explainer = SimilarityCAM(backbone)
     with pytest.raises(ValueError, match="exactly one of reference"):

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 import torchvision
 
 from sslens.errors import UserError
-from sslens.models.imports import (
+from sslens.published import (
     CHECKPOINT_FORMATS,
     KNOWN_CHECKPOINTS,
     import_checkpoint,
     import_summary,
 )
-from sslens.train.checkpoint import load_model
+from sslens.store import load_model
 
 torch.set_num_threads(1)
 
@@ -262,7 +262,7 @@ def test_unknown_layout_lists_keys_and_formats(tmp_path):
         import_checkpoint(tmp_path / "x.pth", "moco", tmp_path / "m")
     message = str(info.value)
     assert "decoder.bias" in message and "encoder.weight" in message
-    assert ", ".join(CHECKPOINT_FORMATS.names()) in message
+    assert ", ".join(sorted(CHECKPOINT_FORMATS)) in message
 
 
 def test_unexpected_moco_entry_is_reported(tmp_path, resnet18_state):
@@ -334,13 +334,13 @@ def test_published_checkpoints_work_directly_in_explain_and_study(tmp_path, resn
     """`sslens explain CKPT --format moco` and a study's {checkpoint, format} import once, then reuse."""
     from PIL import Image
 
+    from sslens import published
     from sslens.cli import main
-    from sslens.models import imports
     from sslens.study import load_study_config, run_study
 
     path = tmp_path / "moco_v2.pth.tar"
     torch.save(moco_checkpoint(resnet18_state, version=2), path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the import cache lives under ~/.cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))  # where the import cache lives
     image = tmp_path / "a.png"
     Image.fromarray((np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)).save(image)
     with pytest.raises(SystemExit) as exit_info:
@@ -352,7 +352,7 @@ def test_published_checkpoints_work_directly_in_explain_and_study(tmp_path, resn
     assert len(cached) == 1
 
     # The study finds the same import in the cache: importing again would raise.
-    monkeypatch.setattr(imports, "import_checkpoint", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-imported")))
+    monkeypatch.setattr(published, "import_checkpoint", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-imported")))
     config = load_study_config(None, {
         "device": "cpu",
         "dataset": {"train_options": {"num_images": 64}, "test_options": {"num_images": 32}},

@@ -13,8 +13,8 @@ from sslens.data import load_dataset
 from sslens.evaluate import extract_features, knn_top1
 from sslens.explain import RELAX
 from sslens.models import create_backbone
+from sslens.store import load_model
 from sslens.train import load_config, train
-from sslens.train.checkpoint import load_model
 
 pytestmark = pytest.mark.slow
 

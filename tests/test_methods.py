@@ -26,7 +26,7 @@ def _method(name: str, **options):
 
 
 def test_registered_methods_and_default_views():
-    # "imported" wraps published checkpoints (sslens.models.imports); it is not trainable.
+    # "imported" wraps published checkpoints (sslens.published, sslens.methods.imported); it is not trainable.
     assert METHODS.names() == ["imported", "moco", "simclr", "swav"]
     assert [_method(n).default_views for n in ("simclr", "moco", "swav")] == [
         "simclr",

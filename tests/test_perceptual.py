@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from sslens.data.pixels import grayscale
 from sslens.errors import UserError
 from sslens.explain.base import EXPLAINERS
 from sslens.explain.depth import midas_depth_estimator
@@ -19,17 +20,15 @@ from sslens.explain.perceptual import (
     PerceptualComponents,
     blend,
     canny_edges,
-    color_masked,
     darken,
     frequency_split,
-    grayscale,
-    shape_masked,
     sharpen,
-    texture_masked,
     zscore,
 )
 
 SIZE = 16
+#: Index of the one image the component tests mask.
+FIRST = torch.arange(1)
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
@@ -70,18 +69,19 @@ def test_grayscale_is_luma_on_three_channels():
 
 def test_color_masking_keeps_luma_and_the_image_where_kept():
     x, m = pixels(1), torch.rand(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
-    masked = color_masked(x[:, None], m)  # (1, 4, 3, H, W)
+    color = COMPONENTS["color"].build(x, None, Amounts())
+    masked = color.masked(FIRST, m)  # (1, 4, 3, H, W)
     torch.testing.assert_close(grayscale(masked.flatten(0, 1)), grayscale(x).expand(4, -1, -1, -1))
-    ones = color_masked(x[:, None], torch.ones(1, 1, SIZE, SIZE))
+    ones = color.masked(FIRST, torch.ones(1, 1, SIZE, SIZE))
     assert torch.equal(ones[:, 0], x)
-    zeros = color_masked(x[:, None], torch.zeros(1, 1, SIZE, SIZE))
+    zeros = color.masked(FIRST, torch.zeros(1, 1, SIZE, SIZE))
     torch.testing.assert_close(zeros[:, 0], grayscale(x))
 
 
 def test_shape_image_is_zero_where_masked_out_and_edges_elsewhere():
     edges = canny_edges(step_image()).expand(-1, 3, -1, -1)
     m = binary_masks()
-    masked = shape_masked(edges[:, None], m)[0]
+    masked = COMPONENTS["shape"].build(step_image(), None, Amounts()).masked(FIRST, m)[0]
     assert torch.equal(masked * (1 - m), torch.zeros_like(masked))
     assert torch.equal(masked * m, edges * m)
 
@@ -95,11 +95,12 @@ def test_canny_finds_the_step_and_nothing_in_flat_regions():
 
 def test_texture_image_is_gray_on_edges_and_where_kept_blurred_elsewhere():
     x = step_image() + 0.1 * pixels(1)
-    gray = grayscale(x)
-    blurred = grayscale(pixels(1, seed=5))  # any distinct image stands in for the blur
+    texture = COMPONENTS["texture"].build(x, None, Amounts())
+    gray, blurred = texture.present, texture.absent
+    assert torch.equal(gray, grayscale(x)) and not torch.equal(blurred, gray)
     edges = canny_edges(x)
     m = binary_masks()
-    out = texture_masked(gray[:, None], blurred[:, None], edges[:, None], m)[0]  # (3, 3, H, W)
+    out = texture.masked(FIRST, m)[0]  # (3, 3, H, W)
     keep = torch.maximum(m, edges)
     assert edges.sum() > 0
     assert torch.equal(out * keep, gray * keep)
@@ -146,7 +147,7 @@ def test_sharpen_is_identity_on_flat_images_and_adds_contrast_at_a_step():
 def test_component_images_follow_the_table():
     x, a = pixels(1), Amounts()
     depth = torch.rand(1, SIZE, SIZE)
-    built = {name: COMPONENTS.get(name).build(x, depth, a) for name in ALL_COMPONENTS}
+    built = {name: COMPONENTS[name].build(x, depth, a) for name in ALL_COMPONENTS}
     m = binary_masks(1)
     index = torch.tensor([0])
     assert torch.equal(built["color"].reference, x)

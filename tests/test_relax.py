@@ -8,8 +8,9 @@ import torch
 from relax_xai.masking_functions import mask_generator
 from torch import nn
 
-import sslens.explain.relax as relax_module
+import sslens.explain.engine as engine
 from sslens.explain.base import EXPLAINERS
+from sslens.explain.engine import INITIAL_WEIGHT, RelaxEstimator, default_batch_size
 from sslens.explain.masks import (
     MASK_SAMPLERS,
     PerceptualMasks,
@@ -20,14 +21,7 @@ from sslens.explain.masks import (
     relax_shift,
     rise_shift,
 )
-from sslens.explain.relax import (
-    INITIAL_WEIGHT,
-    RELAX,
-    RelaxEstimator,
-    block_standard_error,
-    default_batch_size,
-    u_relax,
-)
+from sslens.explain.relax import RELAX, block_standard_error, u_relax
 
 SIZE = 12
 
@@ -561,7 +555,7 @@ def test_a_folded_copy_that_disagrees_is_not_used(monkeypatch):
             copy.stem.conv1.weight.neg_()
         return copy, 12
 
-    monkeypatch.setattr(relax_module, "fold_batch_norms", broken)
+    monkeypatch.setattr(engine, "fold_batch_norms", broken)
     model, x = bn_encoder(), torch.randn(1, 3, 16, 16)
     out = RELAX(model, num_masks=64)(x)
     assert out.info["fast_inference"].startswith("off: the folded copy's embeddings differ")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sslens.atomic import write_json_atomic
 from sslens.evaluate.embedding import effective_perplexity, tsne_embedding
 from sslens.report import (
     Section,
@@ -21,7 +22,6 @@ from sslens.report import (
     invariance_table_figure,
     render_report,
     tsne_figure,
-    write_json_atomic,
 )
 from sslens.report import html as report_html
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sslens.evaluate.sanity import (
+from sslens.explain.metrics.sanity import (
     average_ranks,
     map_ssim,
     model_randomization_test,

@@ -16,28 +16,23 @@ from PIL import Image
 
 from sslens.cli import main
 from sslens.errors import UserError
-from sslens.study import (
-    DEFAULT_EXPERIMENTS,
-    EXPERIMENTS,
-    ExplainerSpec,
-    load_study_config,
-    register_explainer,
-    run_study,
-)
+from sslens.explain.base import EXPLAINERS, Explainer, Explanation
+from sslens.study import DEFAULT_EXPERIMENTS, EXPERIMENTS, load_study_config, run_study
 from sslens.study.sections import TRADEOFF_COLUMNS
 
 
-class _Brightness:
+@EXPLAINERS.register("test_brightness")
+class _Brightness(Explainer):
     """A test-only explainer whose maps ignore the model: the image's mean over channels."""
 
+    label = "brightness (test)"
+
     def __init__(self, encoder: torch.nn.Module, seed: int = 0):
-        self.encoder = encoder
+        super().__init__(encoder)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return images.mean(dim=1)
+    def explain(self, images: torch.Tensor) -> Explanation:
+        return Explanation(importance=images.mean(dim=1))
 
-
-register_explainer("test_brightness", ExplainerSpec(_Brightness, lambda e, x: e(x), "brightness (test)"))
 
 COMMON = {
     "backbone": "resnet-tiny", "epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 2e-3,
@@ -274,9 +269,9 @@ def test_stage_keys_follow_the_data_not_only_the_dataset_section():
 def test_captions_count_the_images_measured_not_the_samples_asked_for():
     from types import SimpleNamespace
 
-    from sslens.evaluate.faithfulness import deletion_insertion
-    from sslens.evaluate.sanity import model_randomization_test
-    from sslens.report.html import plain
+    from sslens.atomic import jsonable as plain
+    from sslens.explain.metrics.faithfulness import deletion_insertion
+    from sslens.explain.metrics.sanity import model_randomization_test
     from sslens.study import sections
     from sslens.study.cache import StageResult
 
@@ -347,8 +342,8 @@ def test_a_checkpoint_expecting_other_inputs_is_fed_through_an_input_adapter(tmp
     # The adapter feeds the model exactly what it expects: the dataset's images, un-normalised,
     # resized to 40 px (bicubic) and normalised with ImageNet statistics.
     from sslens.data import load_dataset
+    from sslens.store import load_model
     from sslens.study.models import StudyModel
-    from sslens.train.checkpoint import load_model
 
     method, meta = load_model(tmp_path / "model")
     data = load_dataset("synthetic", "test", num_images=4)

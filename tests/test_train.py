@@ -11,16 +11,15 @@ from torch import nn
 
 from sslens.data.synthetic import CLASS_NAMES
 from sslens.errors import UserError
+from sslens.store import RunDir, load_model
 from sslens.train import (
     LARS,
     create_optimizer,
     load_config,
-    load_model,
     lr_at,
     parameter_groups,
     train,
 )
-from sslens.train.checkpoint import latest_checkpoint
 
 # ---------------------------------------------------------------- schedule and optimisers
 
@@ -188,7 +187,7 @@ def test_max_steps_ends_mid_epoch_without_a_checkpoint(tmp_path):
     _, meta = load_model(run / "model")
     assert meta["step"] == 8 and meta["epoch"] == 2
     # Epoch 1 (6 steps) completed and was checkpointed; the 2 steps of epoch 2 were not.
-    assert latest_checkpoint(run).name == "epoch-0001"
+    assert RunDir(run).latest_checkpoint().name == "epoch-0001"
 
 
 @pytest.mark.slow
@@ -247,8 +246,7 @@ def test_compiled_training_never_recompiles(tmp_path, monkeypatch):
 def test_knn_monitor_runs_the_knn_on_the_training_device(tmp_path, monkeypatch):
     """extract_features hands back CPU rows; on a GPU run the kNN must not run on the host while
     the GPU waits. The meta device stands in for a GPU: only where the kNN runs is checked."""
-    import sslens.evaluate.features as features
-    import sslens.evaluate.knn as knn
+    import sslens.train.loop as loop
     from sslens.data.base import ImageData
     from sslens.methods import create_method
     from sslens.models import create_backbone
@@ -260,8 +258,8 @@ def test_knn_monitor_runs_the_knn_on_the_training_device(tmp_path, monkeypatch):
         seen.append((train_features.device, test_features.device))
         return 0.5
 
-    monkeypatch.setattr(features, "extract_features", lambda encoder, data, **options: torch.randn(len(data), 4))
-    monkeypatch.setattr(knn, "knn_top1", knn_top1)
+    monkeypatch.setattr(loop, "extract_features", lambda encoder, data, **options: torch.randn(len(data), 4))
+    monkeypatch.setattr(loop, "knn_top1", knn_top1)
     data = ImageData(torch.zeros(6, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1] * 3), ["a", "b"])
     method = create_method("simclr", create_backbone("resnet-tiny"))
     assert _knn_monitor(method, data, data, tiny_config(tmp_path / "run"), torch.device("meta")) == 0.5
@@ -273,6 +271,7 @@ def test_resume_rewrites_the_log_atomically(tmp_path, monkeypatch):
     fails (disk full, a kill), the old history must survive whole."""
     import os
 
+    from sslens.store import RunDir
     from sslens.train.loop import _RunLog
 
     path = tmp_path / "log.jsonl"
@@ -284,17 +283,18 @@ def test_resume_rewrites_the_log_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
-        _RunLog(path, keep_until_step=4)
+        _RunLog(RunDir(tmp_path), keep_until_step=4)
     assert path.read_text() == history
     monkeypatch.undo()
-    _RunLog(path, keep_until_step=4)
+    _RunLog(RunDir(tmp_path), keep_until_step=4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
 
 
 def test_resume_drops_a_record_torn_by_a_kill(tmp_path):
+    from sslens.store import RunDir
     from sslens.train.loop import _RunLog
 
     path = tmp_path / "log.jsonl"
     path.write_text("".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (2, 4)) + '{"kind": "st')
-    _RunLog(path, keep_until_step=4)
+    _RunLog(RunDir(tmp_path), keep_until_step=4)
     assert path.read_text() == "".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (2, 4))

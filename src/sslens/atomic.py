@@ -1,15 +1,20 @@
 """Atomic file writes: readers see the old file or the new one, never a part of either.
 
 Every file sslens writes that a later run relies on (checkpoints, caches, reports, JSON) goes
-through :func:`atomic_write_bytes`, so a crash, a kill or a full disk mid-write leaves the
-previous version intact.
+through :func:`atomic_write_bytes` (JSON through :func:`write_json_atomic`), so a crash, a kill
+or a full disk mid-write leaves the previous version intact.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -49,3 +54,27 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON/YAML-safe builtins: tuples → lists, tensors/arrays → lists, paths → str,
+    NaN/±inf → None (JSON has no NaN), anything else unknown → ``str``."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and numpy scalars
+        return jsonable(value.tolist())
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return str(value)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (via :func:`jsonable`, so NaN becomes null), atomically."""
+    text = json.dumps(jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False)
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))

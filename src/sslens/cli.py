@@ -8,7 +8,6 @@ function decorated with ``@app.command()`` that parses options and calls library
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -67,6 +66,7 @@ def train_command(
     )] = None,
 ) -> None:
     """Train a self-supervised model; writes config.yaml, log.jsonl, checkpoints/ and model/ in the run directory."""
+    from sslens.store import RunDir
     from sslens.train.config import load_config, parse_assignment
     from sslens.train.loop import train
 
@@ -84,11 +84,11 @@ def train_command(
     if resume and config is None:
         if "out" not in overrides:
             raise UserError("--resume needs --out RUN (the run directory to continue).")
-        config = Path(overrides["out"]) / "config.yaml"
+        config = RunDir(overrides["out"]).config_file
         if not config.is_file():
             raise UserError(f"Nothing to resume: {config} does not exist. Drop --resume to start a new run.")
-    run_dir = train(load_config(config, overrides), resume=resume, overwrite=overwrite)
-    typer.echo(f"Run finished: {run_dir} (model in {run_dir / 'model'}; evaluate with `sslens evaluate {run_dir}`)")
+    run = RunDir(train(load_config(config, overrides), resume=resume, overwrite=overwrite))
+    typer.echo(f"Run finished: {run.path} (model in {run.model_dir}; evaluate with `sslens evaluate {run.path}`)")
 
 
 def _preset_config(preset: str, method: str, config: Path | None) -> Path:
@@ -132,53 +132,15 @@ def evaluate_command(
     held out for the scores. By default these are the run's own dataset; --data picks another
     (and is how imported models are evaluated).
     """
-    from sslens.data import load_dataset
-    from sslens.evaluate import FeatureCache, evaluate_encoder, format_results_table
-    from sslens.models.adapt import adapt_input
-    from sslens.train.checkpoint import atomic_write_bytes, load_model
-    from sslens.train.config import TrainConfig
-    from sslens.train.loop import load_split, resolve_device
+    from sslens.evaluate.run import evaluate_run
 
-    torch_device = resolve_device(device)
-    method, meta = load_model(run_dir, device=torch_device)
-    if data is not None:
-        options = {"data_dir": data_dir} if data_dir else {}
-        options |= {"image_size": image_size} if image_size else {}
-        train_data, test_data = (load_dataset(data, split, **options).to(torch_device) for split in ("train", "test"))
-        seed = 0
-    elif "config" in meta:
-        config = TrainConfig(**{**meta["config"], "device": str(torch_device)})
-        train_data = load_split(config, "train", torch_device)
-        test_data = load_split(config, "test", torch_device)
-        seed = config.seed
-    else:
-        raise UserError(
-            f"{run_dir} records no training config (an imported model?), so sslens cannot tell which "
-            f"dataset to evaluate on. Pass --data (and --data-dir, --image-size), e.g. "
-            f"--data imagefolder --data-dir ~/imagenet-subset --image-size 224."
-        )
-    encoder = adapt_input(
-        method.encoder("pooled"), meta, image_size=train_data.image_size, mean=train_data.mean, std=train_data.std
+    evaluation = evaluate_run(
+        run_dir, k=k, temperature=temperature, linear=linear, device=device, data=data, data_dir=data_dir,
+        image_size=image_size, json_path=json_path,
     )
-    # Features are keyed by the weights and the data, so a re-evaluation (another k, say) reuses them.
-    cache_root = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
-    result = evaluate_encoder(
-        encoder, train_data, test_data, k=k, temperature=temperature, linear=linear,
-        device=torch_device, seed=seed, cache=FeatureCache(cache_root / "features"),
-    )
-    details = result["details"]
-    result["model"] = {key: meta[key] for key in ("method", "backbone", "epoch", "step")}
-    typer.echo(format_results_table({f"{meta['method']} ({meta['backbone']})": result}))
-    typer.echo(
-        f"k={details['k']}  T={details['temperature']}  N train={details['num_train']}  "
-        f"N test={details['num_test']}  classes={details['num_classes']}"
-    )
-    text = json.dumps(result, indent=2).encode()
-    destinations = [Path(run_dir) / "evaluation.json"] if Path(run_dir).is_dir() else []
-    destinations += [json_path] if json_path is not None else []
-    for destination in destinations:
-        atomic_write_bytes(destination, text)
-        typer.echo(f"wrote {destination}")
+    typer.echo(evaluation.text)
+    for path in evaluation.written:
+        typer.echo(f"wrote {path}")
 
 
 @app.command("explain")
@@ -219,24 +181,11 @@ def explain_command(
     """Explain what a model's representation looks at; writes raw maps (.npz) and overlays (.png)."""
     from sslens.explain.run import explain_images
 
-    if format is not None:
-        from sslens.distributed import broadcast_object, init_distributed, world
-        from sslens.explain.run import resolve_device
-        from sslens.models.imports import import_cached
-
-        if model is None:
-            raise UserError("--format names the layout of MODEL; pass the checkpoint file as MODEL.")
-        # Under torchrun rank 0 imports into the shared cache and the others use its folder,
-        # rather than all writing the same folder at once.
-        init_distributed(resolve_device(device))
-        model = broadcast_object(
-            str(import_cached(model, format, arch=arch or "resnet50", timm_name=timm_name)) if world().is_main else None
-        )
-        arch = None
     explain_images(
         model, image, method=method, out_dir=out, reference=reference, layer=layer,
-        components=[c.strip() for c in components.split(",") if c.strip()] if components else None, weights=weights, arch=arch,
-        output=output, num_masks=num_masks, seed=seed, device=device, depth_model=depth_model,
+        components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
+        weights=weights, format=format, arch=arch, timm_name=timm_name, output=output, num_masks=num_masks,
+        seed=seed, device=device, depth_model=depth_model,
     )
 
 
@@ -252,7 +201,7 @@ def import_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model directory at --out.")] = False,
 ) -> None:
     """Import a published self-supervised checkpoint into an sslens model directory (safetensors)."""
-    from sslens.models.imports import import_checkpoint, import_summary
+    from sslens.published import import_checkpoint, import_summary
 
     out_dir = import_checkpoint(
         checkpoint, format, out, arch=arch, timm_name=timm_name, download=download,

@@ -33,13 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from sslens.data.base import normalize, to_float
+from sslens.data.pixels import LUMA_WEIGHTS, gaussian_kernel, luma, separable_blur
 from sslens.registry import Registry
 
 VIEW_RECIPES = Registry("view recipe")
-
-# ITU-R 601-2 luma, as PIL's convert("L"). torchvision's tensor path uses 0.2989 for red; 0.299
-# makes the weights sum to exactly 1, so a grey pixel keeps its value.
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 # torchvision.transforms.RandomResizedCrop tries 10 random boxes before its fallback.
 _CROP_ATTEMPTS = 10
@@ -221,14 +218,6 @@ def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtyp
     return torch.tensor(values, device=device, dtype=dtype)
 
 
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) → (B, 1, H, W) luma with :data:`LUMA_WEIGHTS`."""
-    r, g, b = x.unbind(dim=1)
-    # Scalar multiply-adds: three light kernels, faster than a reduction over channels.
-    luma = (r * LUMA_WEIGHTS[0]).add_(g, alpha=LUMA_WEIGHTS[1]).add_(b, alpha=LUMA_WEIGHTS[2])
-    return luma.unsqueeze(1)
-
-
 def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's ``_blend``, factor * image + (1 - factor) * other clamped to [0, 1].
 
@@ -252,7 +241,7 @@ def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Per-sample ``F.adjust_saturation``: blend with the luma image. ``factor`` (B,)."""
-    return _blend(x, grayscale(x), factor)
+    return _blend(x, luma(x), factor)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -374,7 +363,7 @@ def random_grayscale(
     _check_images(x, generator)
     _check_probability("p", p)
     gray = _coin(p, len(x), x, generator).view(-1, 1, 1, 1)
-    return torch.where(gray, grayscale(x).expand_as(x), x)
+    return torch.where(gray, luma(x).expand_as(x), x)
 
 
 def random_solarize(
@@ -402,7 +391,7 @@ def simclr_kernel_size(size: int) -> int:
     return 2 * ((size // 10) // 2) + 1
 
 
-def gaussian_blur(
+def random_gaussian_blur(
     x: torch.Tensor,
     kernel_size: int,
     sigma: tuple[float, float] = (0.1, 2.0),
@@ -428,28 +417,12 @@ def gaussian_blur(
     if kernel_size <= 0 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer; got {kernel_size}")
     _check_range("sigma", sigma, 0.0, math.inf)
-    batch, channels, height, width = x.shape
     radius = kernel_size // 2
-    if radius >= min(height, width):
-        raise ValueError(
-            f"kernel_size {kernel_size} is too large for {height}x{width} images (reflect "
-            f"padding needs kernel_size // 2 < side); use at most {2 * min(height, width) - 1}."
-        )
-    u = torch.rand((batch, 2), generator=generator, device=x.device, dtype=x.dtype)
-    sigmas = sigma[0] + (sigma[1] - sigma[0]) * u[:, :1]
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigmas) ** 2)
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    delta = (offsets == 0).to(x.dtype)
-    kernel = torch.where((u[:, 1:] < p), kernel, delta)  # (B, K)
-    weight = kernel.repeat_interleave(channels, dim=0)  # (B * 3, K): one kernel per channel
-    # Fold the batch into channels so that one grouped conv serves every sample's own kernel.
-    folded = x.reshape(1, batch * channels, height, width)
-    folded = F.pad(folded, (radius, radius, radius, radius), mode="reflect")
-    groups = batch * channels
-    folded = F.conv2d(folded, weight.view(groups, 1, 1, kernel_size), groups=groups)
-    folded = F.conv2d(folded, weight.view(groups, 1, kernel_size, 1), groups=groups)
-    return folded.view(batch, channels, height, width)
+    u = torch.rand((len(x), 2), generator=generator, device=x.device, dtype=x.dtype)
+    sigmas = sigma[0] + (sigma[1] - sigma[0]) * u[:, 0]
+    delta = (torch.arange(-radius, radius + 1, device=x.device) == 0).to(x.dtype)
+    kernels = torch.where(u[:, 1:] < p, gaussian_kernel(sigmas, radius), delta)  # (B, K)
+    return separable_blur(x, kernels, padding="reflect")
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,7 +508,7 @@ class ViewSpec:
         if self.grayscale_p > 0:
             x = random_grayscale(x, self.grayscale_p, generator=generator)
         if self.blur_p > 0:
-            x = gaussian_blur(
+            x = random_gaussian_blur(
                 x, self.blur_kernel_size, self.blur_sigma, self.blur_p, generator=generator
             )
         if self.solarize_p > 0:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from sslens.data.cache import hash_tensor
+from sslens.checks import suggestion
+from sslens.errors import UserError
+from sslens.hashing import hash_tensor
 from sslens.registry import Registry
 
-DATASETS = Registry("dataset")
+DATASETS = Registry(
+    "dataset", modules=("sslens.data.synthetic", "sslens.data.cifar10", "sslens.data.imagefolder")
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -169,6 +174,56 @@ def load_dataset(name: str, split: str, **options) -> ImageData:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
     return DATASETS.create(name, split=split, **options)
+
+
+def load_split(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
+) -> Any:
+    """The ``split`` ("train"/"test") of dataset ``name``, as training, evaluation, explanation
+    and the study all load it.
+
+    ``data_dir`` and ``image_size`` are passed where the dataset takes them (``options`` wins
+    for keys it sets too); a dataset that reads no files refuses a ``data_dir``. In-memory data
+    is moved to ``device`` whole, so training draws batches without host-to-device copies.
+    Unknown option names and invalid values are :class:`~sslens.errors.UserError`s.
+
+    >>> load_split("synthetic", "test", options={"num_images": 8}).images.shape
+    torch.Size([8, 32, 32, 3])
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    try:
+        factory = DATASETS.get(name)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    accepted = [p for p in inspect.signature(factory).parameters if p != "split"]
+    merged = dict(options or {})
+    unknown = [key for key in merged if key not in accepted]
+    if unknown:
+        raise UserError(
+            f"The {name!r} dataset has no option {unknown[0]!r}.{suggestion(unknown[0], accepted)} "
+            f"Its options: {', '.join(accepted)}."
+        )
+    if data_dir is not None:
+        if "data_dir" not in accepted:
+            raise UserError(f"The {name!r} dataset reads no files, so it takes no --data-dir.")
+        merged.setdefault("data_dir", data_dir)
+    if image_size is not None and "image_size" in accepted:
+        merged.setdefault("image_size", image_size)
+    try:
+        data = factory(split=split, **merged)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise UserError(f"Invalid data options for {name!r}: {error}") from error
+    # Small datasets live on the device: no loader workers, no host-to-device copies per step.
+    return data.to(device) if device is not None and isinstance(data, ImageData) else data
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ A cache file holds a dict of tensors, strings and lists, and is read back with
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -19,25 +18,6 @@ from typing import Any
 import torch
 
 from sslens.atomic import atomic_write_bytes
-
-
-def fingerprint(*parts: object) -> str:
-    """A short, stable hex digest of ``parts`` (their ``repr``s)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(repr(part).encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:32]
-
-
-def hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
-    """Add ``tensor``'s dtype, shape and bytes to the hashlib ``digest``."""
-    if not torch.is_tensor(tensor):
-        raise TypeError(f"expected a torch.Tensor; got {type(tensor).__name__}")
-    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-    # Viewing the bytes as uint8 works for every dtype, bfloat16 included, which numpy lacks.
-    raw = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
-    digest.update(raw.numpy().tobytes())
 
 
 def user_cache_dir() -> Path:

@@ -19,8 +19,9 @@ import torch
 from torchvision.datasets import CIFAR10
 
 from sslens.data.base import DATASETS, ImageData
-from sslens.data.cache import fingerprint, load_cache, save_cache, writable_dir
+from sslens.data.cache import load_cache, save_cache, writable_dir
 from sslens.errors import DatasetError
+from sslens.hashing import json_sha256
 
 # The usual per-channel statistics of the CIFAR-10 training set (pixels scaled to [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -124,7 +125,7 @@ def load_cifar10(
         files = _source_files(data_dir, split)
         if not all(f.is_file() for f in files):
             return None
-        return fingerprint("cifar10", split, [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+        return json_sha256(["cifar10", split, [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
 
     # Only look for (and create) the cache folder once the data is there, so a mistyped data_dir
     # is reported instead of silently created.
@@ -133,7 +134,7 @@ def load_cifar10(
     payload = load_cache(cache_path(), key) if key is not None else None
     if payload is None:
         images, labels, class_names = _decode(data_dir, split, download)
-        key = stat_key() or fingerprint("cifar10", split)
+        key = stat_key() or json_sha256(["cifar10", split])
         save_cache(cache_path(), key, {"images": images, "labels": labels, "class_names": class_names})
     else:
         images, labels, class_names = payload["images"], payload["labels"], payload["class_names"]

@@ -16,8 +16,9 @@ Everything is read and checked when the dataset is loaded, never hours into trai
 
 * files without an image extension (README.txt, .DS_Store) and files PIL cannot decode (truncated,
   corrupt) are skipped, with ONE warning naming them;
-* grayscale, palette, CMYK and 16-bit images are converted to RGB (16-bit values are scaled by
-  1/257); transparent images (RGBA, LA, palette with transparency) are composited on white;
+* grayscale, palette, CMYK, 16-bit and float images are converted to RGB and transparent ones
+  composited on white, by the one policy of :func:`sslens.data.images.to_rgb` (shared with
+  ``sslens explain``, so a model is explained on the pixels it was trained on);
 * a class folder without readable images keeps its label index (train and test must agree) and is
   named in a warning;
 * no readable image at all, a missing ``data_dir`` or no class folders raise
@@ -44,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from sslens.data.base import (
     DATASETS,
@@ -54,14 +55,12 @@ from sslens.data.base import (
     batch_slices,
     epoch_order,
 )
-from sslens.data.cache import fingerprint, load_cache, save_cache, writable_dir
+from sslens.data.cache import load_cache, save_cache, writable_dir
+from sslens.data.images import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_image
 from sslens.errors import DatasetError
+from sslens.hashing import json_sha256
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif"}
-)
-CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+CACHE_VERSION = 2  # bump when decoding changes, so old caches are rebuilt (2: one to_rgb policy)
 _LAYOUT_HELP = (
     "Expected data_dir/train/<class>/<image> and data_dir/test/<class>/<image>, or "
     "data_dir/<class>/<image> (then test_fraction of each class becomes the test split)."
@@ -71,44 +70,6 @@ _WARN_LIMIT = 10
 
 # ---------------------------------------------------------------------------------------------
 # Decoding (module-level functions: they run in worker processes)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode → RGB. 16-bit/32-bit grey is scaled to 8 bits; transparency goes on white."""
-    if img.mode.startswith("I") or img.mode == "F":
-        values = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0  # 65535 → 255
-        grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` (bilinear, antialiased), then crop the centre square."""
-    width, height = img.size
-    scale = size / min(width, height)
-    new = (max(size, round(width * scale)), max(size, round(height * scale)))
-    if new != img.size:
-        img = img.resize(new, Image.Resampling.BILINEAR)
-    left, top = (new[0] - size) // 2, (new[1] - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def decode_image(path: str | Path, image_size: int | None) -> np.ndarray:
-    """One file → (H, W, 3) uint8 (H = W = ``image_size`` unless None). Raises on unreadable files."""
-    with Image.open(path) as img:
-        if image_size is not None:
-            # Lets the JPEG decoder downscale by 2^k in the DCT domain (never below image_size).
-            img.draft(img.mode, (image_size, image_size))
-        img = _to_rgb(ImageOps.exif_transpose(img))
-    if image_size is not None:
-        img = _resize_center_crop(img, image_size)
-    return np.array(img, dtype=np.uint8)  # a writable copy, so torch.from_numpy does not warn
 
 
 @dataclass(frozen=True)
@@ -125,7 +86,7 @@ def _decode_chunk(chunk: _Chunk) -> list[tuple[int, np.ndarray | tuple[int, int]
     for offset, path in enumerate(chunk.paths):
         try:
             array = decode_image(path, chunk.image_size)
-        except _DECODE_ERRORS as error:
+        except DECODE_ERRORS as error:
             results.append((chunk.start + offset, f"{type(error).__name__}: {error}"))
             continue
         results.append((chunk.start + offset, array if chunk.keep_pixels else array.shape[:2]))
@@ -226,7 +187,7 @@ def _stat_fingerprint(listing: _Listing, *options: object) -> str:
     for relative in listing.files:
         st = os.stat(listing.root / relative)
         stats.append((relative, st.st_size, st.st_mtime_ns))
-    return fingerprint(CACHE_VERSION, str(listing.root), listing.class_names, listing.labels, stats, *options)
+    return json_sha256([CACHE_VERSION, str(listing.root), listing.class_names, listing.labels, stats, *options])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +207,7 @@ class _FileDataset(torch.utils.data.Dataset):
         path = self.root / self.files[index]
         try:
             array = decode_image(path, self.image_size)
-        except _DECODE_ERRORS as error:
+        except DECODE_ERRORS as error:
             raise DatasetError(
                 f"{path} was readable when the dataset was loaded but cannot be decoded now "
                 f"({error}). Restore the file, or delete it and load the dataset again."
@@ -454,7 +415,7 @@ def _estimate_bytes(listing: _Listing, image_size: int | None) -> int:
         try:
             with Image.open(listing.root / relative) as img:
                 width, height = img.size
-        except _DECODE_ERRORS:
+        except DECODE_ERRORS:
             continue
         return len(listing.files) * width * height * 3
     return 0
@@ -518,7 +479,7 @@ def load_imagefolder(
     key = _stat_fingerprint(listing, split, image_size, *split_options)
     streaming = _estimate_bytes(listing, image_size) > max_memory_bytes
     folder = writable_dir(Path(cache_dir).expanduser() if cache_dir else root / ".sslens-cache", "imagefolder")
-    name = fingerprint(str(root), split, image_size, streaming)[:16]
+    name = json_sha256([str(root), split, image_size, streaming])[:16]
     cache_path = folder / f"imagefolder-{split}-{'stream' if streaming else 'memory'}-{name}.pt"
     source = f"imagefolder {split} from {root}" + (f" at {image_size}px" if image_size else "")
 

@@ -28,16 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from sslens.data.base import DATASETS, ImageData
-from sslens.registry import Registry
-
-# A shape is an inside test in the object's own frame: (x, y) → bool, where the object is centred
-# at 0 and fits in the unit disc (so a rotated object of radius r around a centre at least r away
-# from every border is fully inside the image).
-SHAPES = Registry("shape")
-# A background is a blend field t in [0, 1] between its two colours: (u, v, r, noise) → (M, H, W).
-BACKGROUNDS = Registry("background")
-# An object texture says which pixels get the object's second shade: (x, y) → bool.
-TEXTURES = Registry("texture")
 
 ShapeTest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -74,46 +64,38 @@ def _regular_star(x: torch.Tensor, y: torch.Tensor, n: int, inner: float) -> tor
     return (ix - 1.0) * py - iy * (px - 1.0) >= 0
 
 
-@SHAPES.register("circle")
 def _circle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x * x + y * y <= 1.0
 
 
-@SHAPES.register("square")
 def _square(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _regular_star(x, y, 4, math.cos(math.pi / 4))
 
 
-@SHAPES.register("triangle")
 def _triangle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _regular_star(x, y, 3, math.cos(math.pi / 3))
 
 
-@SHAPES.register("star")
 def _star(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # Fatter than the geometric pentagram (inner 0.38) so the arms survive at 32 px.
     return _regular_star(x, y, 5, 0.45)
 
 
-@SHAPES.register("cross")
 def _cross(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # Arm length 0.94 keeps the arm corners (0.94, 0.33) inside the unit disc.
     ax, ay = x.abs(), y.abs()
     return ((ax <= 0.94) & (ay <= 0.33)) | ((ay <= 0.94) & (ax <= 0.33))
 
 
-@SHAPES.register("ring")
 def _ring(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     r2 = x * x + y * y
     return (r2 <= 1.0) & (r2 >= 0.5**2)
 
 
-@SHAPES.register("crescent")
 def _crescent(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * x + y * y <= 1.0) & ((x - 0.45) ** 2 + y * y > 0.8**2)
 
 
-@SHAPES.register("heart")
 def _heart(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # The classic implicit heart (X^2 + Y^2 - 1)^3 <= X^2 Y^3 has a smallest enclosing circle of
     # radius 1.2499 around (0, 0.25) (found numerically); scale and shift it into the unit disc.
@@ -121,31 +103,26 @@ def _heart(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (hx * hx + hy * hy - 1.0) ** 3 - hx * hx * hy**3 <= 0
 
 
-@BACKGROUNDS.register("flat")
 def _flat(u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(u)
 
 
-@BACKGROUNDS.register("stripes")
 def _stripes(u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     angle, frequency, phase = _col(r, 0) * math.pi, 2.0 + 4.0 * _col(r, 1), _col(r, 2)
     along = u * torch.cos(angle) + v * torch.sin(angle)
     return (torch.remainder(along * frequency + phase, 1.0) < 0.5).to(u.dtype)
 
 
-@BACKGROUNDS.register("checker")
 def _checker(u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     cells = torch.floor(2.0 + 5.0 * _col(r, 0))
     parity = torch.floor(u * cells) + torch.floor(v * cells)
     return torch.remainder(parity, 2.0)
 
 
-@BACKGROUNDS.register("noise")
 def _noise(u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return F.interpolate(noise[:, None], size=u.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-@BACKGROUNDS.register("gradient")
 def _gradient(u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     angle = _col(r, 0) * 2 * math.pi
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -155,30 +132,55 @@ def _gradient(u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, noise: torch.Te
     return (along / half_span + 1.0) * 0.5
 
 
-@TEXTURES.register("flat")
 def _flat_texture(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x, dtype=torch.bool)
 
 
-@TEXTURES.register("stripes")
 def _stripes_texture(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.remainder(x, 0.8) < 0.4
 
 
-@TEXTURES.register("dots")
 def _dots_texture(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dx, dy = torch.remainder(x, 0.7) - 0.35, torch.remainder(y, 0.7) - 0.35
     return dx * dx + dy * dy <= 0.2**2
 
 
-@TEXTURES.register("checker")
 def _checker_texture(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.remainder(torch.floor(x / 0.5) + torch.floor(y / 0.5), 2.0) > 0
 
 
-CLASS_NAMES: tuple[str, ...] = tuple(SHAPES.names())
-BACKGROUND_KINDS: tuple[str, ...] = tuple(BACKGROUNDS.names())
-TEXTURE_KINDS: tuple[str, ...] = tuple(TEXTURES.names())
+# A shape is an inside test in the object's own frame: (x, y) → bool, where the object is centred
+# at 0 and fits in the unit disc (so a rotated object of radius r around a centre at least r away
+# from every border is fully inside the image). The sorted names are the class names.
+SHAPES: dict[str, ShapeTest] = {
+    "circle": _circle,
+    "square": _square,
+    "triangle": _triangle,
+    "star": _star,
+    "cross": _cross,
+    "ring": _ring,
+    "crescent": _crescent,
+    "heart": _heart,
+}
+# A background is a blend field t in [0, 1] between its two colours: (u, v, r, noise) → (M, H, W).
+BACKGROUNDS: dict[str, Callable[..., torch.Tensor]] = {
+    "flat": _flat,
+    "stripes": _stripes,
+    "checker": _checker,
+    "noise": _noise,
+    "gradient": _gradient,
+}
+# An object texture says which pixels get the object's second shade: (x, y) → bool.
+TEXTURES: dict[str, ShapeTest] = {
+    "flat": _flat_texture,
+    "stripes": _stripes_texture,
+    "dots": _dots_texture,
+    "checker": _checker_texture,
+}
+
+CLASS_NAMES: tuple[str, ...] = tuple(sorted(SHAPES))
+BACKGROUND_KINDS: tuple[str, ...] = tuple(sorted(BACKGROUNDS))
+TEXTURE_KINDS: tuple[str, ...] = tuple(sorted(TEXTURES))
 
 
 def _col(r: torch.Tensor, index: int) -> torch.Tensor:
@@ -353,17 +355,17 @@ def _local_coords(
 
 
 def _dispatch(
-    registry_names: tuple[str, ...],
-    registry: Registry,
+    names: tuple[str, ...],
+    table: dict[str, Callable[..., torch.Tensor]],
     kind: torch.Tensor,
     out: torch.Tensor,
     *args: torch.Tensor,
 ) -> torch.Tensor:
     """Fill ``out`` (M, H, W) by running each kind's function on the rows of that kind only."""
-    for index, name in enumerate(registry_names):
+    for index, name in enumerate(names):
         rows = (kind == index).nonzero(as_tuple=True)[0]
         if len(rows):
-            out[rows] = registry.get(name)(*(a[rows] for a in args)).to(out.dtype)
+            out[rows] = table[name](*(a[rows] for a in args)).to(out.dtype)
     return out
 
 

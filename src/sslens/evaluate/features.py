@@ -12,8 +12,6 @@ torch.Size([5, 4])
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -25,8 +23,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from sslens.atomic import atomic_write_bytes
+from sslens.checks import positive_int
 from sslens.data.base import normalize, to_float
-from sslens.data.cache import hash_tensor
+from sslens.hashing import json_sha256
 
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
@@ -34,8 +33,8 @@ _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 def feature_cache_key(**parts: Any) -> str:
     """A file-name-safe key (64 hex digits) that changes whenever any of ``parts`` changes.
 
-    ``parts`` are JSON-serialised with sorted keys, so the order of the keyword arguments does
-    not matter; values that JSON cannot hold (tuples excepted) are written with ``str``.
+    ``parts`` are hashed as canonical JSON (:func:`sslens.hashing.json_sha256`), so the order of
+    the keyword arguments does not matter.
 
     >>> feature_cache_key(weights="ab12", split="train") == feature_cache_key(split="train", weights="ab12")
     True
@@ -44,31 +43,7 @@ def feature_cache_key(**parts: Any) -> str:
         raise ValueError(
             "feature_cache_key needs at least one part, e.g. feature_cache_key(weights=..., split='train')"
         )
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def tensor_fingerprint(*tensors: torch.Tensor) -> str:
-    """SHA-256 over the dtype, shape and bytes of ``tensors`` (moved to the CPU to be read)."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        hash_tensor(digest, tensor)
-    return digest.hexdigest()
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """SHA-256 over a module's class name and every ``state_dict`` entry (name, dtype, shape, bytes).
-
-    Two modules share a fingerprint when they hold the same weights and buffers, so features
-    cached under it are reused only for the same trained encoder.
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
-    digest = hashlib.sha256(type(module).__qualname__.encode())
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        hash_tensor(digest, tensor)
-    return digest.hexdigest()
+    return json_sha256(parts)
 
 
 class FeatureCache:
@@ -174,8 +149,7 @@ def extract_features(
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder must be a torch.nn.Module; got {type(encoder).__name__}")
     _check_data(data)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    positive_int("batch_size", batch_size)
     if (cache is None) != (cache_key is None):
         raise ValueError(
             "Pass cache and cache_key together (cache_key=feature_cache_key(...)), or neither."

@@ -1,17 +1,35 @@
-"""One interface for every explainer: built with an encoder, called on a batch, returns raw maps."""
+"""One interface for every explainer: built with an encoder, called on a batch, returns raw maps.
+
+Explainers are found by name in :data:`EXPLAINERS` (which imports the built-in explainer
+modules on its first lookup) and built through one front door, :func:`create_explainer`: the
+command line, the study and every experiment check options there, so an option is worded the
+same wherever it is mistyped.
+
+>>> from torch import nn
+>>> encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+>>> relax = create_explainer("relax", encoder, {"num_masks": 20})
+>>> relax(torch.randn(1, 3, 16, 16)).importance.shape
+torch.Size([1, 16, 16])
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from sslens.checks import suggestion
+from sslens.errors import UserError
 from sslens.registry import Registry
 
-EXPLAINERS = Registry("explainer")
+EXPLAINERS = Registry(
+    "explainer", modules=("sslens.explain.relax", "sslens.explain.gradcam", "sslens.explain.perceptual")
+)
 
 
 @dataclass
@@ -58,6 +76,93 @@ class Explainer:
             raise ValueError(f"images must be a (B, 3, H, W) tensor; got {shape}")
         with preserved_state(self.encoder):
             return self.explain(images, **kwargs)
+
+
+def explainer_names() -> list[str]:
+    """Every registered explainer name."""
+    return EXPLAINERS.names()
+
+
+def explainer_label(name: str) -> str:
+    """The name an explainer goes by in reports (its factory's ``label``, e.g. "Grad-CAM")."""
+    return getattr(EXPLAINERS.get(name), "label", name)
+
+
+def explainer_options(name: str) -> list[str]:
+    """The options explainer ``name`` is built with: its factory's keyword arguments."""
+    try:
+        factory = EXPLAINERS.get(name)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    return [p for p in inspect.signature(factory).parameters if p != "encoder"]
+
+
+def check_explainer_options(
+    name: str,
+    options: Collection[str],
+    *,
+    where: str = "",
+    flags: Mapping[str, str] | None = None,
+    reserved: Collection[str] = (),
+) -> None:
+    """A :class:`~sslens.errors.UserError` for an unknown explainer, or an option it does not take.
+
+    Args:
+        name: the explainer.
+        options: the option names a user set.
+        where: where they were set, for the message (e.g. " under explainers.relax").
+        flags: option → the command-line flag that sets it (``{"layer": "--layer"}``), so the
+            message names what the user typed.
+        reserved: options the caller sets itself (e.g. the study's seed); not the user's to set.
+    """
+    valid = [option for option in explainer_options(name) if option not in reserved]
+    flags = flags or {}
+    for option in options:
+        if option not in valid:
+            spelled = flags.get(option, f"Option {option!r}{where}")
+            hint = "" if option in flags else suggestion(option, valid)
+            raise UserError(
+                f"{spelled} does not apply to the {name} explainer; leave it out.{hint} "
+                f"Its options: {', '.join(valid) or 'none'}."
+            )
+
+
+def create_explainer(
+    name: str,
+    encoder: nn.Module,
+    options: Mapping[str, Any] | None = None,
+    *,
+    context: Mapping[str, Any] | None = None,
+    where: str = "",
+    flags: Mapping[str, str] | None = None,
+) -> Explainer:
+    """Build explainer ``name`` for ``encoder``: the one way every caller builds one.
+
+    Args:
+        name: a registered explainer ("relax", "perceptual", "gradcam", "gradcam++", ...).
+        encoder: maps (B, 3, H, W) normalised images to (B, D) embeddings.
+        options: set by the user; each must be an option of the explainer
+            (:func:`check_explainer_options`, which ``where`` and ``flags`` word).
+        context: values the caller knows (``seed``, ``mean``, ``std``), passed only to
+            explainers that take them; ``options`` win.
+
+    Invalid option values are :class:`~sslens.errors.UserError`s naming the explainer.
+    """
+    options = dict(options or {})
+    check_explainer_options(name, options, where=where, flags=flags)
+    accepted = explainer_options(name)
+    kwargs = {key: value for key, value in (context or {}).items() if key in accepted} | options
+    try:
+        return EXPLAINERS.get(name)(encoder, **kwargs)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise UserError(f"Invalid options for the {name} explainer: {error}") from error
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """Whether any submodule of ``model`` holds a forward or backward hook."""
+    return any(_hook_counts(model).values())
 
 
 def _hook_counts(model: nn.Module) -> dict[str, int]:

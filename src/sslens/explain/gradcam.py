@@ -55,18 +55,21 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.base_cam import BaseCAM
 from torch import nn
 
+from sslens.checks import integer, positive_int
 from sslens.explain.base import EXPLAINERS, Explainer, Explanation
 from sslens.models.base import Backbone
+from sslens.registry import lookup
 
-#: Registered explainer name → pytorch-grad-cam class. Each becomes an ``EXPLAINERS`` entry.
-CAM_METHODS: dict[str, type[BaseCAM]] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "scorecam": ScoreCAM,
-    "hirescam": HiResCAM,
+#: Registered explainer name → (pytorch-grad-cam class, name in reports). Each becomes an
+#: ``EXPLAINERS`` entry.
+CAM_METHODS: dict[str, tuple[type[BaseCAM], str]] = {
+    "gradcam": (GradCAM, "Grad-CAM"),
+    "gradcam++": (GradCAMPlusPlus, "Grad-CAM++"),
+    "xgradcam": (XGradCAM, "XGrad-CAM"),
+    "layercam": (LayerCAM, "LayerCAM"),
+    "eigencam": (EigenCAM, "Eigen-CAM"),
+    "scorecam": (ScoreCAM, "Score-CAM"),
+    "hirescam": (HiResCAM, "HiResCAM"),
 }
 
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -258,14 +261,11 @@ class SimilarityCAM(Explainer):
         batch_size: int = 32,
     ):
         super().__init__(encoder)
-        if cam not in CAM_METHODS:
-            raise ValueError(f"Unknown CAM method {cam!r}. Choose one of: {', '.join(CAM_METHODS)}.")
+        lookup("CAM method", CAM_METHODS, cam)
         if augment is not None and not callable(augment):
             raise TypeError("augment must be a callable (images, generator) -> views, or None for flip + crop")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int; got {seed!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        integer("seed", seed)
+        positive_int("batch_size", batch_size)
         self.cam = cam
         self.layer, self.target_layer = resolve_layer(encoder, layer)
         self.reshape_transform = cam_reshape(encoder, self.layer)
@@ -280,7 +280,7 @@ class SimilarityCAM(Explainer):
 
     def _maps(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         """Raw maps (B, H, W) of ``images`` against fixed reference embeddings (B, D)."""
-        cam = _raw_cam_class(CAM_METHODS[self.cam])(
+        cam = _raw_cam_class(CAM_METHODS[self.cam][0])(
             _NoZeroGrad(self.encoder), [self.target_layer], reshape_transform=self.reshape_transform
         )
         try:
@@ -374,7 +374,9 @@ def _register(name: str) -> None:
         )
 
     factory.__name__ = factory.__qualname__ = name.replace("+", "_plus")
-    factory.__doc__ = f"Similarity {CAM_METHODS[name].__name__}; see :class:`SimilarityCAM`."
+    cam_class, label = CAM_METHODS[name]
+    factory.__doc__ = f"Similarity {cam_class.__name__}; see :class:`SimilarityCAM`."
+    factory.label = label
     EXPLAINERS.register(name)(factory)
 
 

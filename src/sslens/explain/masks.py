@@ -81,11 +81,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from sslens.registry import Registry
-
-MASK_SAMPLERS = Registry("mask distribution")
-SHIFTS = Registry("mask shift")
-GRID_SAMPLERS = Registry("grid sampler")
+from sslens.registry import lookup
 
 
 def _crop(upsampled: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -113,7 +109,6 @@ def _shifts(high: int, n: int, group: int, generator: torch.Generator, stratifie
     return draws[:runs].repeat_interleave(group)[:n]
 
 
-@SHIFTS.register("relax")
 def relax_shift(
     grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator, group: int = 1, stratified: bool = False
 ) -> torch.Tensor:
@@ -132,7 +127,6 @@ def relax_shift(
     return _crop(upsampled, top, left, size)
 
 
-@SHIFTS.register("rise")
 def rise_shift(
     grid: torch.Tensor, size: tuple[int, int], generator: torch.Generator, group: int = 1, stratified: bool = False
 ) -> torch.Tensor:
@@ -172,7 +166,6 @@ def sylvester_bits(order: int, device: torch.device) -> torch.Tensor:
     return odd
 
 
-@GRID_SAMPLERS.register("iid")
 def iid_grid(
     num: int, num_cells: int, p: float, generator: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -181,7 +174,6 @@ def iid_grid(
     return (torch.rand(shape, generator=generator, device=generator.device) < p).to(dtype)
 
 
-@GRID_SAMPLERS.register("orthogonal")
 def orthogonal_grid(
     num: int, num_cells: int, p: float, generator: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -201,6 +193,18 @@ def orthogonal_grid(
     return folded.reshape(blocks * 2 * order, 1, num_cells, num_cells)[:num].to(dtype)
 
 
+#: Shift name → ``shift(grid, size, generator, group, stratified) -> masks``.
+SHIFTS: dict[str, Callable[..., torch.Tensor]] = {
+    "relax": relax_shift,
+    "rise": rise_shift,
+}
+
+#: Grid-sampler name → ``sampler(num, num_cells, p, generator, dtype) -> cells``.
+GRID_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "iid": iid_grid,
+    "orthogonal": orthogonal_grid,
+}
+
 MaskSampler = Callable[[int, tuple[int, int], torch.Generator], torch.Tensor]
 
 
@@ -211,7 +215,6 @@ def _check_grid(num_cells: int, p: float) -> None:
         raise ValueError(f"p is the probability of keeping a grid cell and must lie in (0, 1]; got {p!r}")
 
 
-@MASK_SAMPLERS.register("relax")
 @dataclass(frozen=True)
 class RelaxMasks:
     """RELAX / relax-xai masks: ``(num, size, generator) → (num, 1, H, W)`` in [0, 1], mean ≈ p.
@@ -231,8 +234,8 @@ class RelaxMasks:
 
     def __post_init__(self) -> None:
         _check_grid(self.num_cells, self.p)
-        SHIFTS.get(self.shift)
-        GRID_SAMPLERS.get(self.sampler)
+        lookup("mask shift", SHIFTS, self.shift)
+        lookup("grid sampler", GRID_SAMPLERS, self.sampler)
         if self.sampler == "orthogonal" and self.p != 0.5:
             raise ValueError(
                 f"sampler='orthogonal' balances cells that are on in half of the masks, so it needs "
@@ -274,9 +277,9 @@ class RelaxMasks:
         # Orthogonal cells are drawn in whole draws even for a shorter request, so that a request
         # of n masks gives the first n masks of a longer one (the generator advances the same way).
         draw = self.draw_size or max(num, 1)
-        grid = GRID_SAMPLERS.get(self.sampler)(-(-num // draw) * draw, self.num_cells, self.p, generator, dtype)[:num]
+        grid = GRID_SAMPLERS[self.sampler](-(-num // draw) * draw, self.num_cells, self.p, generator, dtype)[:num]
         group = self.block_size if self.sampler == "orthogonal" else 1
-        return SHIFTS.get(self.shift)(grid, tuple(size), generator, group, self.stratified_shifts)
+        return SHIFTS[self.shift](grid, tuple(size), generator, group, self.stratified_shifts)
 
     def info(self) -> dict:
         block = (
@@ -286,7 +289,6 @@ class RelaxMasks:
         return {"masks": "relax", **asdict(self), **block}
 
 
-@MASK_SAMPLERS.register("perceptual")
 @dataclass(frozen=True)
 class PerceptualMasks:
     """Perceptual-components masks: a bicubic surface over a Bernoulli grid, randomly cropped.
@@ -341,3 +343,11 @@ class PerceptualMasks:
 
     def info(self) -> dict:
         return {"masks": "perceptual", **asdict(self)}
+
+
+#: Mask-distribution name → its class (``RelaxMasks``, ``PerceptualMasks``), built with its defaults
+#: by the explainers that take a distribution by name.
+MASK_SAMPLERS: dict[str, type] = {
+    "relax": RelaxMasks,
+    "perceptual": PerceptualMasks,
+}

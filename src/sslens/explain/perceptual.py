@@ -73,41 +73,31 @@ import kornia.filters
 import torch
 from torch import nn
 
+from sslens.checks import integer, positive_int
 from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
+from sslens.data.pixels import gaussian_blur, grayscale
 from sslens.explain.base import EXPLAINERS, Explainer, Explanation
 from sslens.explain.depth import DepthEstimator
-from sslens.explain.masks import MASK_SAMPLERS
-from sslens.explain.relax import (
+from sslens.explain.engine import (
     PROBE,
     RelaxEstimator,
     autotuned_convolutions,
     check_batch_size,
     check_fast_inference,
-    check_positive_int,
     default_batch_size,
     embed,
-    gaussian_blur,
     inference_encoder,
     mask_rounds,
     packed_similarities,
     rechunk,
 )
-from sslens.registry import Registry
+from sslens.explain.masks import MASK_SAMPLERS
+from sslens.registry import lookup
 
-#: ITU-R BT.601 luma, as torchvision's Grayscale; the weights sum to 1.
-LUMA = (0.299, 0.587, 0.114)
-
-COMPONENTS = Registry("perceptual component")
 ALL_COMPONENTS = ("color", "shape", "texture", "brightness", "sharpness", "depth", "lowpass", "highpass")
 
 
 # ----------------------------------------------------------------------------- pure image builders
-
-
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) RGB in [0, 1] → (..., 3, H, W) luma repeated on three channels."""
-    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)[:, None, None]
-    return (images * weights).sum(dim=-3, keepdim=True).expand_as(images)
 
 
 def canny_edges(images: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.0) -> torch.Tensor:
@@ -142,26 +132,6 @@ def blend(present: torch.Tensor, absent: torch.Tensor | None, masks: torch.Tenso
     if absent is None:
         return present * masks
     return present * masks + absent * (1 - masks)
-
-
-def color_masked(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``X ⊙ M + gray(X) ⊙ (1 − M)``: colour removed where M = 0, luma unchanged everywhere."""
-    return blend(images, grayscale(images), masks)
-
-
-def shape_masked(edges: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``edges ⊙ M``: the (3-channel) edge image, zero where M = 0."""
-    return blend(edges, None, masks)
-
-
-def texture_masked(
-    gray: torch.Tensor, blurred: torch.Tensor, edges: torch.Tensor, masks: torch.Tensor
-) -> torch.Tensor:
-    """``gray ⊙ M_t + blurred ⊙ (1 − M_t)`` with ``M_t = max(M, edges)``: edges are never blurred.
-
-    The paper's ``M ∨ edges`` (logical or) is ``max`` for soft masks.
-    """
-    return blend(gray, blurred, torch.maximum(masks, edges))
 
 
 # ----------------------------------------------------------------------------- components
@@ -251,7 +221,8 @@ def _highpass(x: torch.Tensor, depth: torch.Tensor | None, a: Amounts) -> Compon
     return ComponentImages(reference=x, present=x, absent=high)
 
 
-for _name, _component in {
+#: Component name → how its images are built (the table's rows in the module docstring).
+COMPONENTS: dict[str, Component] = {
     "color": Component(_color),
     "shape": Component(_shape),
     "texture": Component(_texture),
@@ -260,8 +231,7 @@ for _name, _component in {
     "depth": Component(_depth, needs_depth=True),
     "lowpass": Component(_lowpass),
     "highpass": Component(_highpass),
-}.items():
-    COMPONENTS.register(_name)(_component)
+}
 
 
 def zscore(maps: torch.Tensor) -> torch.Tensor:
@@ -309,6 +279,9 @@ class PerceptualComponents(Explainer):
     (B, H, W) depth maps. Returns ``components = {name: (B, H, W)}``, ``importance`` = their mean.
     """
 
+    #: Name in reports.
+    label = "perceptual components"
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -339,19 +312,17 @@ class PerceptualComponents(Explainer):
         if len(components) == 0 or len(set(components)) != len(components):
             raise ValueError(f"components must name at least one component, each once; got {components!r}")
         for name in components:
-            COMPONENTS.get(name)
+            lookup("perceptual component", COMPONENTS, name)
         self.components = tuple(components)
-        self.num_masks = check_positive_int("num_masks", num_masks)
+        self.num_masks = positive_int("num_masks", num_masks)
         self.batch_size = check_batch_size(batch_size)
-        self.round_size = check_positive_int("round_size", round_size)
-        self.sampler = MASK_SAMPLERS.create(masks)
+        self.round_size = positive_int("round_size", round_size)
+        self.sampler = lookup("mask distribution", MASK_SAMPLERS, masks)()
         self.mask_name = masks
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std must be three per-channel values with std > 0; got {mean}, {std}")
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int; got {seed!r}")
-        self.seed = seed
+        self.seed = integer("seed", seed)
         if depth_estimator is not None and not callable(depth_estimator):
             raise TypeError("depth_estimator must be a callable (B, 3, H, W) images in [0, 1] → (B, H, W) depth")
         self.depth_estimator = depth_estimator
@@ -364,7 +335,7 @@ class PerceptualComponents(Explainer):
                 raise ValueError(f"{name} is a Gaussian σ in pixels and must be > 0; got {getattr(self.amounts, name)!r}")
         if not 0 <= canny_low <= canny_high:
             raise ValueError(f"Canny thresholds need 0 ≤ canny_low ≤ canny_high; got {canny_low}, {canny_high}")
-        if isinstance(texture_kernel, bool) or not isinstance(texture_kernel, int) or texture_kernel < 1 or texture_kernel % 2 == 0:
+        if positive_int("texture_kernel", texture_kernel) % 2 == 0:
             raise ValueError(f"texture_kernel must be a positive odd integer; got {texture_kernel!r}")
         if brightness_decrement < 0 or sharpen_amount < 0:
             raise ValueError("brightness_decrement and sharpen_amount must be ≥ 0 (0 makes the component a no-op)")
@@ -400,11 +371,11 @@ class PerceptualComponents(Explainer):
         with torch.inference_mode(), autotuned_convolutions(images.device):
             pixels = (images * std + mean).clamp(0.0, 1.0)
             depth_map, reason = (None, None)
-            if any(COMPONENTS.get(name).needs_depth for name in self.components):
+            if any(COMPONENTS[name].needs_depth for name in self.components):
                 depth_map, reason = self._depth(pixels, depth)
             built: dict[str, ComponentImages] = {}
             for name in self.components:
-                component = COMPONENTS.get(name)
+                component = COMPONENTS[name]
                 if component.needs_depth and depth_map is None:
                     skipped[name] = reason
                     continue

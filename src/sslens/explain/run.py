@@ -7,9 +7,12 @@ where the method has one, ``component_<name>`` per component), the preprocessed 
 preprocessing step. ``<out>/<stem>_<method>.png`` draws the image, each map with a colour bar
 in raw values, and its overlay.
 
-Explainer options are matched to the explainer by its signature, so a new registered explainer
-needs no change here: ``--layer`` goes to explainers with a ``layer`` option, ``--reference`` to
-those whose call takes a ``reference`` (the CAM family), and so on.
+Explainers are built through the one front door, :func:`sslens.explain.base.create_explainer`,
+so a new registered explainer needs no change here: ``--layer`` goes to explainers with a
+``layer`` option, ``--reference`` to those whose call takes a ``reference`` (the CAM family),
+and a flag an explainer does not take is refused by name. A published checkpoint (``--format``,
+or a torchvision state dict with ``--weights``) is imported once into the user cache
+(:func:`sslens.published.import_cached`) and explained like any sslens model.
 
 Under ``torchrun --nproc_per_node=N -m sslens explain ...`` each process explains every N-th
 image and writes its files; rank 0 prints what all of them wrote. Every image is explained in a
@@ -25,71 +28,48 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import pickle
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
-from sslens.distributed import gather_objects, init_distributed, shard, unshard, world
+from sslens.data.images import check_readable, list_image_files, load_image_tensor
+from sslens.device import resolve_device
+from sslens.distributed import (
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    shard,
+    unshard,
+    world,
+)
 from sslens.errors import UserError
-
-# Imported for their side effect: each registers its explainers in EXPLAINERS.
-from sslens.explain import gradcam, perceptual, relax  # noqa: F401
-from sslens.explain.base import EXPLAINERS, Explainer, Explanation
+from sslens.explain.base import Explainer, Explanation, check_explainer_options, create_explainer
 from sslens.explain.depth import midas_depth_estimator
 from sslens.explain.display import save_explanation_png, to_display_image
-from sslens.explain.images import check_readable, list_image_files, load_image_tensor
+from sslens.store import load_model
 
-#: Input size for torchvision ImageNet ResNets loaded with ``weights=``.
-TORCHVISION_IMAGE_SIZE = (224, 224)
-
-#: Explainer option → the CLI flag that sets it, for error messages.
-USER_OPTIONS = {
+#: Explainer option → the command-line flag that sets it, for error messages.
+FLAGS = {
     "layer": "--layer", "num_masks": "--num-masks", "components": "--components",
     "depth_estimator": "--depth-model",
 }
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → CUDA where available, else CPU; otherwise ``torch.device(device)``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise UserError(f"Unknown device {device!r} ({error}). Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"Device {device!r} was asked for but CUDA is not available here. Use --device cpu.")
-    return resolved
+def load_encoder(model: str, *, output: str, device: torch.device) -> tuple[nn.Module, dict]:
+    """(encoder in eval mode on ``device``, description) of an sslens model.
 
-
-def load_encoder(
-    model: str | None, *, weights: str | None, arch: str | None, output: str, device: torch.device
-) -> tuple[nn.Module, dict]:
-    """(encoder in eval mode on ``device``, description) of an sslens model or a torchvision ResNet.
-
-    The description holds ``image_size``, ``mean``, ``std`` and what was loaded.
+    The description holds ``image_size``, ``mean``, ``std``, the resize (``crop_pct``,
+    ``interpolation``) the model expects and what was loaded.
     """
-    if weights is not None:
-        if model is not None:
-            raise UserError("Pass either an sslens model (run or model directory) or --weights, not both.")
-        return _load_torchvision(weights, arch, output, device)
-    if model is None:
-        raise UserError("No model given. Pass an sslens run or model directory, or --weights with --arch.")
-    if arch is not None:
-        raise UserError("--arch is only used with --weights (a torchvision state dict); an sslens model knows its backbone.")
-    from sslens.train.checkpoint import load_model
-
     method, meta = load_model(model, device)
     try:
         encoder = method.encoder(output)
     except ValueError as error:
         raise UserError(f"--output: {error}") from error
-    return encoder.eval(), {
+    source = {
         "model": str(model),
         "method": meta.get("method"),
         "backbone": meta.get("backbone"),
@@ -98,82 +78,43 @@ def load_encoder(
         "mean": list(meta["mean"]),
         "std": list(meta["std"]),
         # Imported ImageNet models record their own crop (e.g. 256 → 224); sslens-trained ones
-        # were trained on whole images.
+        # were trained on whole images resized as the image loader resizes training data.
         "crop_pct": float(meta.get("crop_pct", 1.0)),
-        "interpolation": str(meta.get("interpolation", "bicubic")),
+        "interpolation": str(meta.get("interpolation", "bilinear")),
     }
+    if "arch" in meta:
+        source["arch"] = meta["arch"]
+    return encoder.eval(), source
 
 
-def _load_torchvision(weights: str, arch: str | None, output: str, device: torch.device) -> tuple[nn.Module, dict]:
-    from sslens.models import ResNet, create_backbone, load_torchvision_state_dict
+def _published_model(
+    model: str | None, weights: str | None, format: str | None, arch: str | None, timm_name: str | None
+) -> tuple[str, dict]:
+    """The sslens model to explain: ``model`` itself, or the model directory a published
+    checkpoint (``format``; ``weights`` = a torchvision state dict) is imported into."""
+    if weights is not None:
+        if model is not None or format is not None:
+            raise UserError("Pass either an sslens model (run or model directory), --format with a checkpoint, or --weights.")
+        if arch is None:
+            raise UserError("--weights needs --arch, the torchvision architecture of the state dict (e.g. resnet50).")
+        model, format = weights, "torchvision"
+    if model is None:
+        raise UserError("No model given. Pass an sslens run or model directory, or --weights with --arch.")
+    if format is None:
+        if arch is not None or timm_name is not None:
+            raise UserError(
+                "--arch and --timm-name describe a published checkpoint (with --format or --weights); "
+                "an sslens model knows its backbone."
+            )
+        return model, {}
+    from sslens.published import import_cached
 
-    if arch is None:
-        raise UserError("--weights needs --arch, the torchvision architecture of the state dict (e.g. resnet50).")
-    if output != "pooled":
-        raise UserError("A torchvision ResNet has no projection head; use --output pooled with --weights.")
-    try:
-        backbone = create_backbone(arch)
-    except ValueError as error:
-        raise UserError(f"--arch: {error}") from error
-    if not isinstance(backbone, ResNet):
-        raise UserError(f"--arch {arch} is not a ResNet; --weights loads torchvision ResNet state dicts.")
-    path = Path(weights)
-    if not path.is_file():
-        raise UserError(f"--weights {path} does not exist. Pass a torchvision state dict file (.pth).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"Cannot load {path} as a state dict with torch.load(weights_only=True): {error}") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
-    # DataParallel checkpoints prefix every key with "module.".
-    state = {key.removeprefix("module."): value for key, value in state.items()}
-    try:
-        load_torchvision_state_dict(backbone, state)
-    except ValueError as error:
-        raise UserError(f"{path} does not fit --arch {arch}: {error}") from error
-    return backbone.to(device).eval(), {
-        "weights": str(path),
-        "arch": arch,
-        "output": output,
-        "image_size": list(TORCHVISION_IMAGE_SIZE),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        # torchvision's ImageNet evaluation transform: resize to 256, centre-crop 224, bilinear.
-        "crop_pct": 224 / 256,
-        "interpolation": "bilinear",
-    }
-
-
-def check_options(method: str, names: Iterable[str]) -> Callable[..., Explainer]:
-    """``method``'s factory, once every option in ``names`` is one it accepts (else a UserError
-    naming the command-line flag)."""
-    try:
-        factory = EXPLAINERS.get(method)
-    except ValueError as error:
-        raise UserError(f"--method: {error}") from error
-    accepted = inspect.signature(factory).parameters
-    for name in names:
-        if name not in accepted:
-            raise UserError(f"{USER_OPTIONS.get(name, name)} does not apply to {method}; leave it out.")
-    return factory
-
-
-def build_explainer(method: str, encoder: nn.Module, options: dict, defaults: dict) -> Explainer:
-    """``EXPLAINERS.create(method, encoder, ...)`` with the options its factory accepts.
-
-    ``options`` are set by the user (not None): each must be an option of the explainer.
-    ``defaults`` (seed, mean, std) are passed where the explainer takes them.
-    """
-    factory = check_options(method, options)
-    accepted = inspect.signature(factory).parameters
-    kwargs = {**{k: v for k, v in defaults.items() if k in accepted}, **options}
-    try:
-        return factory(encoder, **kwargs)
-    except (ValueError, TypeError) as error:
-        raise UserError(f"{method}: {error}") from error
+    # Under torchrun rank 0 imports into the shared cache and the others use its folder,
+    # rather than all writing the same folder at once.
+    imported = broadcast_object(
+        str(import_cached(model, format, arch=arch or "resnet50", timm_name=timm_name)) if world().is_main else None
+    )
+    return imported, {"checkpoint": str(model), "format": format}
 
 
 def _reference_kwargs(
@@ -183,7 +124,7 @@ def _reference_kwargs(
     wants_reference = "reference" in inspect.signature(explainer.explain).parameters
     if not wants_reference:
         if reference is not None:
-            raise UserError(f"--reference does not apply to {method}; leave it out.")
+            raise UserError(f"--reference does not apply to the {method} explainer; leave it out.")
         return {}, {}
     if reference is None:
         raise UserError(
@@ -233,7 +174,9 @@ def explain_images(
     layer: str | None = None,
     components: Sequence[str] | None = None,
     weights: str | None = None,
+    format: str | None = None,
     arch: str | None = None,
+    timm_name: str | None = None,
     output: str = "pooled",
     num_masks: int | None = None,
     seed: int = 0,
@@ -244,7 +187,8 @@ def explain_images(
 
     Args:
         model: an sslens run directory, model directory or checkpoint (see
-            :func:`sslens.train.checkpoint.load_model`); None when ``weights`` is given.
+            :func:`sslens.store.load_model`), or with ``format`` a published checkpoint file;
+            None when ``weights`` is given.
         images: image files and/or folders; any size and PIL mode.
         method: a registered explainer ("relax", "perceptual", "gradcam", "gradcam++", ...).
         out_dir: where ``<stem>_<method>.npz`` / ``.png`` go (created).
@@ -252,8 +196,10 @@ def explain_images(
             "augmented" (a seeded augmented view of each image).
         layer: CAM layer name ("stem", "layer1" ... "layer4" or a dotted submodule path).
         components: perceptual components to compute.
-        weights, arch: a local torchvision ResNet state dict and its architecture ("resnet18",
-            "resnet34", "resnet50"), instead of an sslens model; ImageNet normalisation, 224 px.
+        weights: a local torchvision ResNet state dict, the same as ``model=weights,
+            format="torchvision"``; ImageNet normalisation, 224 px.
+        format, arch, timm_name: the layout of a published checkpoint ``model`` (moco, swav,
+            simclr, torchvision, timm; see :func:`sslens.published.import_checkpoint`).
         output: "pooled" (backbone representation) or "projection" (projection-head output).
         num_masks: masks for RELAX-based methods (default: the explainer's).
         seed: seeds masks and augmented views.
@@ -267,24 +213,29 @@ def explain_images(
     """
     torch_device = init_distributed(resolve_device(device))
     current = world()
-    if method not in EXPLAINERS:
-        raise UserError(f"Unknown method {method!r}. Valid methods: {', '.join(EXPLAINERS.names())}.")
+    user_options = {"layer": layer, "num_masks": num_masks, "components": list(components) if components else None}
+    user_options = {k: v for k, v in user_options.items() if v is not None}
+    # Every flag is checked before any file is read or any model loaded.
+    check_explainer_options(method, [*user_options, *(["depth_estimator"] if depth_model else [])], flags=FLAGS)
     files = list_image_files(images)
     # Fail before any minutes of explaining, not at the tenth image.
     check_readable(files)
-    encoder, source = load_encoder(model, weights=weights, arch=arch, output=output, device=torch_device)
+    model, imported = _published_model(model, weights, format, arch, timm_name)
+    encoder, source = load_encoder(model, output=output, device=torch_device)
+    source.update(imported)
+    if weights is not None:
+        source["weights"] = str(weights)
     size, mean, std = source["image_size"], source["mean"], source["std"]
-    user_options = {"layer": layer, "num_masks": num_masks, "components": list(components) if components else None}
-    user_options = {k: v for k, v in user_options.items() if v is not None}
     factory_options = dict(user_options)
     if depth_model is not None:
-        check_options(method, ["depth_estimator"])  # before MiDaS loads, which can take minutes or fail offline
         try:
             factory_options["depth_estimator"] = midas_depth_estimator(depth_model, torch_device)
         except ValueError as error:
             raise UserError(f"--depth-model: {error}") from error
         user_options["depth_model"] = depth_model
-    explainer = build_explainer(method, encoder, factory_options, {"seed": seed, "mean": mean, "std": std})
+    explainer = create_explainer(
+        method, encoder, factory_options, context={"seed": seed, "mean": mean, "std": std}, flags=FLAGS
+    )
     load = functools.partial(
         load_image_tensor, size=size, mean=mean, std=std,
         crop_pct=source["crop_pct"], interpolation=source["interpolation"],

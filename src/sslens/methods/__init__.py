@@ -1,19 +1,17 @@
-"""Self-supervised methods. Importing this package registers every method in ``METHODS``."""
+"""Self-supervised methods, each a small module over :class:`~sslens.methods.base.SSLMethod`,
+found by name in ``METHODS`` (which imports the built-in methods on its first lookup)."""
 
-from sslens.methods import losses
-from sslens.methods.base import METHODS, SSLMethod, StepOutput, create_method
-from sslens.methods.moco import MoCo
-from sslens.methods.simclr import SimCLR
-from sslens.methods.swav import SwAV
-from sslens.models import imports  # noqa: F401  (registers the "imported" method for load_model)
+from sslens.lazy import lazy_exports
 
-__all__ = [
-    "METHODS",
-    "MoCo",
-    "SSLMethod",
-    "SimCLR",
-    "StepOutput",
-    "SwAV",
-    "create_method",
-    "losses",
-]
+_EXPORTS = {
+    "METHODS": "sslens.methods.base",
+    "SSLMethod": "sslens.methods.base",
+    "StepOutput": "sslens.methods.base",
+    "create_method": "sslens.methods.base",
+    "SimCLR": "sslens.methods.simclr",
+    "MoCo": "sslens.methods.moco",
+    "SwAV": "sslens.methods.swav",
+    "ImportedMethod": "sslens.methods.imported",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

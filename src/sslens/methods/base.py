@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +11,10 @@ from torch import nn
 from sslens.models.base import Backbone
 from sslens.registry import Registry
 
-METHODS = Registry("method")
+METHODS = Registry(
+    "method",
+    modules=("sslens.methods.simclr", "sslens.methods.moco", "sslens.methods.swav", "sslens.methods.imported"),
+)
 
 
 @dataclass
@@ -83,3 +87,25 @@ class SSLMethod(nn.Module):
 def create_method(name: str, backbone: Backbone, **options) -> SSLMethod:
     """Build a registered method by name around ``backbone``."""
     return METHODS.create(name, backbone, **options)
+
+
+def check_views(views: Sequence[torch.Tensor], count: int, method: str, recipe: str) -> None:
+    """Raise a ValueError unless ``views`` is ``count`` (B, 3, H, W) tensors of one shape."""
+    if len(views) != count:
+        raise ValueError(
+            f"{method} needs exactly {count} views per batch; got {len(views)}. "
+            f"Use the {recipe!r} view recipe."
+        )
+    first = views[0]
+    for view in views:
+        if not torch.is_tensor(view) or view.ndim != 4 or view.shape[1] != 3:
+            shape = tuple(view.shape) if torch.is_tensor(view) else type(view).__name__
+            raise ValueError(f"{method} views must be (B, 3, H, W) tensors; got {shape}")
+        if view.shape != first.shape:
+            raise ValueError(
+                f"{method} views must share one shape; got {tuple(first.shape)} and {tuple(view.shape)}"
+            )
+    if first.shape[0] < 2:
+        raise ValueError(
+            f"{method} needs a batch of at least 2 images (it uses BatchNorm and negatives)"
+        )

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslens.checks import positive_int, positive_number
+
 
 def _check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, int | float) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number (e.g. 0.1); got {temperature!r}")
+    positive_number("temperature", temperature, "e.g. 0.1")
 
 
 def nt_xent_logits(
@@ -205,8 +206,7 @@ def sinkhorn(
         raise ValueError(f"scores must be (B, K); got shape {tuple(scores.shape)}")
     if not epsilon > 0:
         raise ValueError(f"epsilon must be positive (SwAV uses 0.05); got {epsilon!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1 (SwAV uses 3); got {iterations!r}")
+    positive_int("iterations", iterations, "SwAV uses 3")
     dtype = torch.promote_types(scores.dtype, torch.float32)
     logits = scores.to(dtype) / epsilon
     # Qᵀ of the paper, (K, B), as in the official code.

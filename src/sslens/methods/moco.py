@@ -21,15 +21,15 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from sslens.checks import boolean, positive_int, positive_number
 from sslens.distributed import gather_no_grad, world
-from sslens.methods.base import METHODS, SSLMethod, StepOutput
+from sslens.methods.base import METHODS, SSLMethod, StepOutput, check_views
 from sslens.methods.losses import (
     MOMENTUM_SCHEDULES,
     info_nce_logits,
     momentum_update,
     positive_pair_top1,
 )
-from sslens.methods.simclr import check_positive, check_views
 from sslens.models.base import Backbone
 from sslens.models.heads import ProjectionHead
 
@@ -85,18 +85,17 @@ class MoCo(SSLMethod):
         seed: int = 0,
     ):
         super().__init__(backbone)
-        check_positive("queue_size", queue_size, integer=True)
-        check_positive("temperature", temperature)
-        check_positive("key_bn_splits", key_bn_splits, integer=True)
-        check_positive("out_dim", out_dim, integer=True)
+        positive_int("queue_size", queue_size)
+        positive_number("temperature", temperature)
+        positive_int("key_bn_splits", key_bn_splits)
+        positive_int("out_dim", out_dim)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] (MoCo uses 0.99-0.999); got {momentum!r}")
         if momentum_schedule not in MOMENTUM_SCHEDULES:
             raise ValueError(
                 f"momentum_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}; got {momentum_schedule!r}"
             )
-        if not isinstance(symmetric, bool):
-            raise TypeError(f"symmetric must be True or False; got {symmetric!r}")
+        boolean("symmetric", symmetric)
         # MoCo v2's head: "a 2-layer MLP head (hidden layer 2048-d, with ReLU)", no BatchNorm.
         self.projector = ProjectionHead(
             backbone.feature_dim, hidden_dim or backbone.feature_dim, out_dim, batch_norm=False

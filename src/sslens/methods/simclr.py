@@ -13,46 +13,14 @@ the NT-Xent loss over the 2N views of a batch (:func:`sslens.methods.losses.nt_x
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
+from sslens.checks import positive_number
 from sslens.distributed import gather_with_grad, world
-from sslens.methods.base import METHODS, SSLMethod, StepOutput
+from sslens.methods.base import METHODS, SSLMethod, StepOutput, check_views
 from sslens.methods.losses import nt_xent_logits, positive_pair_top1
 from sslens.models.base import Backbone
 from sslens.models.heads import ProjectionHead
-
-
-def check_views(views: Sequence[torch.Tensor], count: int, method: str, recipe: str) -> None:
-    """Raise a ValueError unless ``views`` is ``count`` (B, 3, H, W) tensors of one shape."""
-    if len(views) != count:
-        raise ValueError(
-            f"{method} needs exactly {count} views per batch; got {len(views)}. "
-            f"Use the {recipe!r} view recipe."
-        )
-    first = views[0]
-    for view in views:
-        if not torch.is_tensor(view) or view.ndim != 4 or view.shape[1] != 3:
-            shape = tuple(view.shape) if torch.is_tensor(view) else type(view).__name__
-            raise ValueError(f"{method} views must be (B, 3, H, W) tensors; got {shape}")
-        if view.shape != first.shape:
-            raise ValueError(
-                f"{method} views must share one shape; got {tuple(first.shape)} and {tuple(view.shape)}"
-            )
-    if first.shape[0] < 2:
-        raise ValueError(
-            f"{method} needs a batch of at least 2 images (it uses BatchNorm and negatives)"
-        )
-
-
-def check_positive(name: str, value: float, *, integer: bool = False) -> None:
-    """Raise a ValueError unless ``value`` is a positive number (a positive int if ``integer``)."""
-    kind = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        raise ValueError(
-            f"{name} must be a positive {'int' if integer else 'number'}; got {value!r}"
-        )
 
 
 @METHODS.register("simclr")
@@ -85,7 +53,7 @@ class SimCLR(SSLMethod):
         temperature: float = 0.5,
     ):
         super().__init__(backbone)
-        check_positive("temperature", temperature)
+        positive_number("temperature", temperature)
         self.projector = ProjectionHead(
             backbone.feature_dim, hidden_dim or backbone.feature_dim, out_dim
         )

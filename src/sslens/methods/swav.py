@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslens.checks import non_negative_int, positive_int, positive_number
 from sslens.distributed import all_reduce_max, all_reduce_sum
 from sslens.methods.base import METHODS, SSLMethod, StepOutput
 from sslens.methods.losses import sinkhorn, swav_loss
-from sslens.methods.simclr import check_positive
 from sslens.models.base import Backbone
 from sslens.models.heads import ProjectionHead
 
@@ -88,19 +88,18 @@ class SwAV(SSLMethod):
         num_global: int = 2,
     ):
         super().__init__(backbone)
-        check_positive("out_dim", out_dim, integer=True)
-        check_positive("num_prototypes", num_prototypes, integer=True)
-        check_positive("temperature", temperature)
-        check_positive("sinkhorn_iterations", sinkhorn_iterations, integer=True)
-        check_positive("epsilon", epsilon)
-        check_positive("num_global", num_global, integer=True)
+        positive_int("out_dim", out_dim)
+        positive_int("num_prototypes", num_prototypes)
+        positive_number("temperature", temperature)
+        positive_int("sinkhorn_iterations", sinkhorn_iterations)
+        positive_number("epsilon", epsilon)
+        positive_int("num_global", num_global)
         for name, value in (
             ("freeze_prototypes_steps", freeze_prototypes_steps),
             ("queue_length", queue_length),
             ("queue_start_step", queue_start_step),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0; got {value!r}")
+            non_negative_int(name, value)
         self.projector = ProjectionHead(
             backbone.feature_dim, hidden_dim or backbone.feature_dim, out_dim
         )

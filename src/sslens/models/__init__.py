@@ -1,19 +1,19 @@
-"""Backbones and heads. Importing this package registers every backbone in ``BACKBONES``."""
+"""Backbones and heads, found by name in ``BACKBONES`` (which imports the built-in backbones on
+its first lookup), and the input adapter for models that expect other images."""
 
-from sslens.models import resnet, timm_backbone  # noqa: F401  (registers the backbones)
-from sslens.models.base import BACKBONES, Backbone, create_backbone
-from sslens.models.heads import ProjectionHead
-from sslens.models.resnet import ImportReport, ResNet, load_torchvision_state_dict
-from sslens.models.timm_backbone import TimmBackbone
+from sslens.lazy import lazy_exports
 
-__all__ = [
-    "BACKBONES",
-    "Backbone",
-    "ImportReport",
-    "ProjectionHead",
-    "ResNet",
-    "TimmBackbone",
-    "create_backbone",
-    "load_torchvision_state_dict",
-    "resnet",
-]
+_EXPORTS = {
+    "BACKBONES": "sslens.models.base",
+    "Backbone": "sslens.models.base",
+    "create_backbone": "sslens.models.base",
+    "ProjectionHead": "sslens.models.heads",
+    "ResNet": "sslens.models.resnet",
+    "ImportReport": "sslens.models.resnet",
+    "load_torchvision_state_dict": "sslens.models.resnet",
+    "TimmBackbone": "sslens.models.timm_backbone",
+    "InputAdapter": "sslens.models.adapt",
+    "adapt_input": "sslens.models.adapt",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

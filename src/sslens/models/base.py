@@ -9,7 +9,7 @@ from torch import nn
 
 from sslens.registry import Registry
 
-BACKBONES = Registry("backbone")
+BACKBONES = Registry("backbone", modules=("sslens.models.resnet", "sslens.models.timm_backbone"))
 
 
 class Backbone(nn.Module):

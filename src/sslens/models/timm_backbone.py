@@ -6,7 +6,7 @@ timm (https://github.com/huggingface/pytorch-image-models) builds every model by
 model name as an option, so a model directory records ``backbone: "timm"`` and
 ``backbone_options: {"model_name": "vit_small_patch16_224", ...}``. Weights are never
 downloaded (``pretrained=False``); published files come in through
-:func:`sslens.models.imports.import_checkpoint`.
+:func:`sslens.published.import_checkpoint`.
 
 Layers for Grad-CAM are the modules of timm's ``feature_info`` (``"layer1"`` ... ``"layer4"`` of a
 ResNet, ``"stages.0"`` ... of a ConvNeXt, ``"blocks.0"`` ... ``"blocks.N-1"`` of a ViT). A ViT

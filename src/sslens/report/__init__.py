@@ -1,33 +1,19 @@
-"""The study's report: figures as PNG bytes, one self-contained HTML file, atomic JSON results."""
+"""The study's report: figures as PNG bytes and one self-contained HTML file."""
 
-from sslens.report.figures import (
-    bar_chart,
-    curves_figure,
-    heatmap_grid,
-    invariance_table_figure,
-    tsne_figure,
-)
-from sslens.report.html import (
-    Section,
-    Table,
-    environment_info,
-    format_cell,
-    render_html,
-    render_report,
-    write_json_atomic,
-)
+from sslens.lazy import lazy_exports
 
-__all__ = [
-    "Section",
-    "Table",
-    "bar_chart",
-    "curves_figure",
-    "environment_info",
-    "format_cell",
-    "heatmap_grid",
-    "invariance_table_figure",
-    "render_html",
-    "render_report",
-    "tsne_figure",
-    "write_json_atomic",
-]
+_EXPORTS = {
+    "bar_chart": "sslens.report.figures",
+    "curves_figure": "sslens.report.figures",
+    "heatmap_grid": "sslens.report.figures",
+    "invariance_table_figure": "sslens.report.figures",
+    "tsne_figure": "sslens.report.figures",
+    "Section": "sslens.report.html",
+    "Table": "sslens.report.html",
+    "environment_info": "sslens.report.html",
+    "format_cell": "sslens.report.html",
+    "render_html": "sslens.report.html",
+    "render_report": "sslens.report.html",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

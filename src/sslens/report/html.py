@@ -6,8 +6,8 @@ values, paths) goes through :func:`html.escape`, so a class called ``<script>`` 
 run. Numbers are formatted one way everywhere (:func:`format_cell`): three decimals, and a
 (mean, std) pair as ``mean ± std``.
 
-Reports and results are written atomically (a temporary file in the same folder, then
-``os.replace``): an error while rendering or writing leaves the previous file byte-identical.
+The report is written atomically (a temporary file in the same folder, then ``os.replace``): an
+error while rendering or writing leaves the previous file byte-identical.
 
 >>> import tempfile, pathlib
 >>> table = Table(columns=["model", "IoU"], rows=[["SimCLR", (0.62, 0.05)]], caption="Table 1")
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import numbers
 import os
@@ -35,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from sslens.atomic import atomic_write_bytes
+from sslens.atomic import atomic_write_bytes, jsonable
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DECIMALS = 3
@@ -127,30 +126,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Number | tuple) and not isinstance(value, bool)
 
 
-def plain(value: Any) -> Any:
-    """``value`` as JSON/YAML-safe builtins: tuples → lists, tensors/arrays → lists, paths → str,
-    NaN/±inf → None (JSON has no NaN), anything else unknown → ``str``."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [plain(v) for v in value]
-    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and numpy scalars
-        return plain(value.tolist())
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value) if math.isfinite(value) else None
-    return str(value)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (via :func:`plain`, so NaN becomes null), atomically."""
-    text = json.dumps(plain(obj), indent=2, allow_nan=False, ensure_ascii=False)
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
-
-
 def environment_info(*, device: str | None = None, seed: int | None = None) -> dict[str, Any]:
     """Python, platform and package versions (and the device and seed, if given) for a report."""
     packages = {}
@@ -213,9 +188,9 @@ def _render_section(index: int, section: Section) -> str:
 
 
 def _render_configuration(index: int, config: Mapping[str, Any], environment: Mapping[str, Any]) -> str:
-    config_text = yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True)
+    config_text = yaml.safe_dump(jsonable(config), sort_keys=False, allow_unicode=True)
     environment_table = Table(
-        ["key", "value"], [[key, format_cell(value)] for key, value in _flatten(plain(environment))], "Environment"
+        ["key", "value"], [[key, format_cell(value)] for key, value in _flatten(jsonable(environment))], "Environment"
     )
     return "\n".join([
         f'<section id="section-{index}"><h2>Configuration and environment</h2>',
@@ -243,7 +218,7 @@ def render_html(
     )
     body = [_render_section(i, s) for i, s in enumerate(sections, start=1)]
     body.append(_render_configuration(len(sections) + 1, config, environment))
-    version = html.escape(str(plain(environment).get("packages", {}).get("sslens", "")))
+    version = html.escape(str(jsonable(environment).get("packages", {}).get("sslens", "")))
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

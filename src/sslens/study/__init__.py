@@ -7,27 +7,19 @@ representation quality and explanation quality in one self-contained HTML report
 PosixPath('study/report.html')
 """
 
-from sslens.study.config import StudyConfig, load_study_config
-from sslens.study.experiments import (
-    DEFAULT_EXPERIMENTS,
-    EXPERIMENTS,
-    Experiment,
-    register_experiment,
-)
-from sslens.study.explainers import EXPLAINER_SPECS, ExplainerSpec, register_explainer
-from sslens.study.run import StudyOutcome, format_tradeoff, run_study
+from sslens.lazy import lazy_exports
 
-__all__ = [
-    "DEFAULT_EXPERIMENTS",
-    "EXPERIMENTS",
-    "EXPLAINER_SPECS",
-    "Experiment",
-    "ExplainerSpec",
-    "StudyConfig",
-    "StudyOutcome",
-    "format_tradeoff",
-    "load_study_config",
-    "register_experiment",
-    "register_explainer",
-    "run_study",
-]
+_EXPORTS = {
+    "StudyConfig": "sslens.study.spec",
+    "ModelSpec": "sslens.study.spec",
+    "load_study_config": "sslens.study.config",
+    "DEFAULT_EXPERIMENTS": "sslens.study.experiments",
+    "EXPERIMENTS": "sslens.study.experiments",
+    "Experiment": "sslens.study.experiments",
+    "register_experiment": "sslens.study.experiments",
+    "StudyOutcome": "sslens.study.run",
+    "format_tradeoff": "sslens.study.run",
+    "run_study": "sslens.study.run",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -11,7 +11,6 @@ atomically, the ``.npz`` first, so a readable ``.json`` always has its own array
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sslens.report.html import plain, write_json_atomic
-from sslens.train.checkpoint import atomic_write_bytes
+from sslens.atomic import atomic_write_bytes, write_json_atomic
 
 #: Bump when a stage's computation changes meaning, so old entries are not reused.
 CACHE_VERSION = 3  # 2: RELAX defaults changed (orthogonal masks), invariance retest; 3: strength-3 blocks
@@ -33,20 +31,6 @@ class StageResult:
 
     results: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def digest(obj: Any) -> str:
-    """SHA-256 of ``obj`` written as canonical JSON."""
-    text = json.dumps(plain(obj), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 class StageCache:

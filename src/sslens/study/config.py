@@ -33,134 +33,44 @@ Every key is checked before any data is loaded; an unknown key raises a
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sslens.data.base import DATASETS
 from sslens.errors import UserError
+from sslens.explain.base import EXPLAINERS, check_explainer_options
+from sslens.study.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
+from sslens.study.explainers import STUDY_OPTIONS
+from sslens.study.spec import (
+    CHECKPOINT_IMPORT_KEYS,
+    DATASET_KEYS,
+    MODEL_NAME,
+    STUDY_OWNED_TRAIN_KEYS,
+    TOP_LEVEL_KEYS,
+    ModelSpec,
+    StudyConfig,
+    check_keys,
+    unknown_key_error,
+)
 from sslens.train.config import (
     DEVICE_PATTERN,
-    TrainConfig,
-    _check_type,
+    check_type,
     load_config,
     parse_assignment,
     read_yaml_mapping,
 )
 
-#: Dataset keys and the type each must have.
-DATASET_KEYS: dict[str, Any] = {
-    "name": str,
-    "data_dir": str | None,
-    "image_size": int,
-    "options": dict,
-    "train_options": dict,
-    "test_options": dict,
-}
-
-#: Training keys a model entry may not set: the study's dataset section owns them, and the
-#: study decides where models are written.
-STUDY_OWNED_TRAIN_KEYS = ("data", "data_dir", "data_options", "image_size", "out", "progress")
-
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def unknown_key_error(key: str, where: str, valid: list[str]) -> UserError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return UserError(f"Unknown key {key!r} {where}.{hint} Valid keys: {', '.join(valid)}.")
-
-
-def check_keys(mapping: dict, valid: list[str], where: str) -> None:
-    """Raise a UserError naming the first key of ``mapping`` that is not in ``valid``."""
-    for key in mapping:
-        if key not in valid:
-            raise unknown_key_error(str(key), where, valid)
-
-
-@dataclass
-class ModelSpec:
-    """One model of the study: trained from ``train`` or loaded from ``checkpoint``."""
-
-    name: str
-    train: TrainConfig | None = None
-    checkpoint: str | None = None
-    #: layout of a published checkpoint file (moco, swav, simclr, torchvision, timm), imported
-    #: on first use; None for an sslens model directory or run.
-    format: str | None = None
-    arch: str = "resnet50"
-    timm_name: str | None = None
-
-
-# Keys a checkpoint model may add to import a published file directly (see `sslens import`).
-CHECKPOINT_IMPORT_KEYS = ("format", "arch", "timm_name")
-
-
-@dataclass
-class StudyConfig:
-    """A validated study; see the module docstring for the meaning of each key."""
-
-    models: list[ModelSpec]
-    title: str = "sslens study"
-    seed: int = 0
-    device: str = "auto"
-    dataset: dict = field(default_factory=dict)
-    explainers: dict = field(default_factory=dict)
-    experiments: list = field(default_factory=list)
-    samples: dict = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-    #: the mapping this config was built from (after overrides), recorded in the report.
-    source: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved configuration: defaults filled in, as plain YAML/JSON values."""
-        return {
-            "title": self.title,
-            "seed": self.seed,
-            "device": self.device,
-            "dataset": self.dataset,
-            "models": [
-                {"name": m.name, "checkpoint": m.checkpoint, "format": m.format, "arch": m.arch,
-                 "timm_name": m.timm_name} if m.checkpoint is not None
-                else {"name": m.name, **_train_entry(m.train)}
-                for m in self.models
-            ],
-            "explainers": self.explainers,
-            "experiments": list(self.experiments),
-            "samples": self.samples,
-            "settings": self.settings,
-        }
-
-
-def _train_entry(config: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in STUDY_OWNED_TRAIN_KEYS}
-
-
-TOP_LEVEL_KEYS = [f.name for f in dataclasses.fields(StudyConfig) if f.name != "source"]
-
 
 def _dataset(raw: Any) -> dict[str, Any]:
-    from sslens.data import DATASETS
-
-    raw = _check_type("dataset", {} if raw is None else raw, dict)
+    raw = check_type("dataset", {} if raw is None else raw, dict)
     check_keys(raw, list(DATASET_KEYS), "in the dataset section")
     dataset = {"name": "synthetic", "data_dir": None, "image_size": 32, "options": {},
                "train_options": {}, "test_options": {}}
     for key, value in raw.items():
-        dataset[key] = _check_type(f"dataset.{key}", value, DATASET_KEYS[key])
+        dataset[key] = check_type(f"dataset.{key}", value, DATASET_KEYS[key])
     if dataset["name"] not in DATASETS:
         raise UserError(f"Unknown dataset {dataset['name']!r}. Valid choices: {', '.join(DATASETS.names())}.")
     return dataset
-
-
-def split_train_config(dataset: dict, split: str, device: str, seed: int) -> TrainConfig:
-    """A TrainConfig describing ``split`` of the study's dataset (what ``load_split`` reads)."""
-    return TrainConfig(
-        data=dataset["name"], data_dir=dataset["data_dir"], image_size=dataset["image_size"],
-        data_options={**dataset["options"], **dataset[f"{split}_options"]}, device=device, seed=seed,
-    )
 
 
 def _model(raw: Any, index: int, dataset: dict, seed: int, device: str) -> ModelSpec:
@@ -170,7 +80,7 @@ def _model(raw: Any, index: int, dataset: dict, seed: int, device: str) -> Model
             f"{where} must be a mapping with a name, e.g. {{name: simclr, method: simclr}} or "
             f"{{name: mine, checkpoint: path/to/model}}; got {raw!r}."
         )
-    name = _check_type(f"{where}.name", raw["name"], str)
+    name = check_type(f"{where}.name", raw["name"], str)
     if not MODEL_NAME.fullmatch(name):
         raise UserError(
             f"Model name {name!r} must start with a letter or digit and hold only letters, digits, "
@@ -183,8 +93,8 @@ def _model(raw: Any, index: int, dataset: dict, seed: int, device: str) -> Model
                 f"Model {name!r} loads a checkpoint, so it takes no training keys ({', '.join(extra)}); "
                 f"remove them or drop 'checkpoint' to train it."
             )
-        imports = {key: _check_type(f"{where}.{key}", raw[key], str) for key in CHECKPOINT_IMPORT_KEYS if key in raw}
-        return ModelSpec(name, checkpoint=_check_type(f"{where}.checkpoint", raw["checkpoint"], str), **imports)
+        imports = {key: check_type(f"{where}.{key}", raw[key], str) for key in CHECKPOINT_IMPORT_KEYS if key in raw}
+        return ModelSpec(name, checkpoint=check_type(f"{where}.checkpoint", raw["checkpoint"], str), **imports)
     options = {k: v for k, v in raw.items() if k != "name"}
     owned = [k for k in options if k in STUDY_OWNED_TRAIN_KEYS]
     if owned:
@@ -192,10 +102,12 @@ def _model(raw: Any, index: int, dataset: dict, seed: int, device: str) -> Model
             f"Model {name!r} sets {', '.join(owned)}, which the study decides: the dataset section "
             f"({', '.join(DATASET_KEYS)}) applies to every model, and models go to OUT/models/<name>."
         )
-    base = split_train_config(dataset, "train", device, seed).to_dict()
-    overrides = {k: base[k] for k in ("data", "data_dir", "data_options", "image_size", "device", "seed")}
-    overrides["knn_every"] = 0  # the study evaluates every model itself, after training
-    overrides.update(options)
+    overrides = {
+        "data": dataset["name"], "data_dir": dataset["data_dir"], "image_size": dataset["image_size"],
+        "data_options": {**dataset["options"], **dataset["train_options"]}, "device": device, "seed": seed,
+        "knn_every": 0,  # the study evaluates every model itself, after training
+        **options,
+    }
     try:
         train = load_config(None, overrides)
     except UserError as error:
@@ -204,27 +116,25 @@ def _model(raw: Any, index: int, dataset: dict, seed: int, device: str) -> Model
 
 
 def _named_mapping(raw: Any, key: str, valid: list[str]) -> dict:
-    raw = _check_type(key, {} if raw is None else raw, dict)
+    raw = check_type(key, {} if raw is None else raw, dict)
     check_keys(raw, valid, f"under {key}")
     return raw
 
 
 def _explainers(raw: Any) -> dict[str, dict]:
-    from sslens.study.explainers import EXPLAINER_SPECS
-
-    raw = _named_mapping(raw, "explainers", EXPLAINER_SPECS.names())
+    """Each explainer's options, checked by the explainers' own front door: any registered
+    explainer may be configured, with any option of its constructor the study does not set."""
+    raw = _named_mapping(raw, "explainers", EXPLAINERS.names())
     resolved = {}
-    for name in EXPLAINER_SPECS.names():
-        options = _check_type(f"explainers.{name}", raw.get(name) or {}, dict)
-        EXPLAINER_SPECS.get(name).check(name, options)
+    for name, options in raw.items():
+        options = check_type(f"explainers.{name}", options or {}, dict)
+        check_explainer_options(name, options, where=f" under explainers.{name}", reserved=STUDY_OPTIONS)
         resolved[name] = dict(options)
     return resolved
 
 
 def _experiments(raw: Any, samples: Any, settings: Any) -> tuple[list[str], dict, dict]:
-    from sslens.study.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
-
-    names = list(DEFAULT_EXPERIMENTS) if raw is None else _check_type("experiments", raw, list)
+    names = list(DEFAULT_EXPERIMENTS) if raw is None else check_type("experiments", raw, list)
     for name in names:
         if name not in EXPERIMENTS:
             raise unknown_key_error(str(name), "in experiments", list(DEFAULT_EXPERIMENTS))
@@ -237,27 +147,25 @@ def _experiments(raw: Any, samples: Any, settings: Any) -> tuple[list[str], dict
     for name in DEFAULT_EXPERIMENTS:
         experiment = EXPERIMENTS.get(name)
         if experiment.samples is not None:
-            count = _check_type(f"samples.{name}", samples.get(name, experiment.samples), int)
+            count = check_type(f"samples.{name}", samples.get(name, experiment.samples), int)
             if count < experiment.min_samples:
                 raise UserError(f"samples.{name} must be at least {experiment.min_samples}; got {count}.")
             resolved_samples[name] = count
         if experiment.defaults:
-            given = _check_type(f"settings.{name}", settings.get(name) or {}, dict)
+            given = check_type(f"settings.{name}", settings.get(name) or {}, dict)
             check_keys(given, list(experiment.defaults), f"under settings.{name}")
             merged = copy.deepcopy(experiment.defaults)
             for key, value in given.items():
-                merged[key] = _check_type(f"settings.{name}.{key}", value, type(experiment.defaults[key]))
+                merged[key] = check_type(f"settings.{name}.{key}", value, type(experiment.defaults[key]))
             _check_explainer_names(merged.get("explainers", []), f"settings.{name}.explainers")
             resolved_settings[name] = merged
     return names, resolved_samples, resolved_settings
 
 
 def _check_explainer_names(names: list, where: str) -> None:
-    from sslens.study.explainers import EXPLAINER_SPECS
-
     for name in names:
-        if name not in EXPLAINER_SPECS:
-            raise unknown_key_error(str(name), f"in {where}", EXPLAINER_SPECS.names())
+        if name not in EXPLAINERS:
+            raise unknown_key_error(str(name), f"in {where}", EXPLAINERS.names())
 
 
 def _apply_override(merged: dict, key: str, value: Any) -> None:
@@ -287,14 +195,14 @@ def load_study_config(path: str | Path | None, overrides: dict[str, Any] | None 
     check_keys(merged, TOP_LEVEL_KEYS, f"in {path}")
     for key, value in (overrides or {}).items():
         _apply_override(merged, key, value)
-    seed = _check_type("seed", merged.get("seed", 0), int)
+    seed = check_type("seed", merged.get("seed", 0), int)
     if seed < 0:
         raise UserError(f"seed must be zero or positive; got {seed}.")
-    device = _check_type("device", merged.get("device", "auto"), str)
+    device = check_type("device", merged.get("device", "auto"), str)
     if not DEVICE_PATTERN.fullmatch(device):
         raise UserError(f"device must be auto, cpu, mps, cuda or cuda:N; got {device!r}.")
     dataset = _dataset(merged.get("dataset"))
-    raw_models = _check_type("models", merged.get("models"), list) if merged.get("models") else []
+    raw_models = check_type("models", merged.get("models"), list) if merged.get("models") else []
     if not raw_models:
         raise UserError("The study needs at least one model under 'models' (a name plus training keys, or a checkpoint).")
     models = [_model(raw, i, dataset, seed, device) for i, raw in enumerate(raw_models)]
@@ -304,7 +212,7 @@ def load_study_config(path: str | Path | None, overrides: dict[str, Any] | None 
     experiments, samples, settings = _experiments(
         merged.get("experiments"), merged.get("samples"), merged.get("settings")
     )
-    title = _check_type("title", merged.get("title", "sslens study"), str)
+    title = check_type("title", merged.get("title", "sslens study"), str)
     if not title:
         # Checked here, not only by the report at the very end, after every model has trained.
         raise UserError("title must be a non-empty string: it is the report's heading.")

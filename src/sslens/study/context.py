@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from sslens.data.base import data_fingerprint, normalize, to_float
-from sslens.study.config import StudyConfig
-from sslens.study.explainers import ExplainFn, build_explainer
+from sslens.explain.display import to_display_image
+from sslens.study.explainers import ExplainFn, explain_fn
+from sslens.study.spec import StudyConfig
 
 
 @dataclass
@@ -78,8 +79,6 @@ class StudyContext:
 
     def display(self, images: torch.Tensor) -> np.ndarray:
         """Normalised (B, 3, H, W) → uint8 (B, H, W, 3) for figures."""
-        from sslens.explain.display import to_display_image
-
         return to_display_image(images, self.mean, self.std)
 
     def explain_fn(self, name: str, encoder: nn.Module, seed: int | None = None) -> ExplainFn:
@@ -87,7 +86,7 @@ class StudyContext:
         options and seed (or ``seed``). Under torchrun each call explains this rank's share of the
         images and gathers the rest, so every rank gets all B maps
         (:func:`sslens.study.sharding.map_rows`)."""
-        return build_explainer(
+        return explain_fn(
             name, encoder, self.config.explainers.get(name, {}), seed=self.seed if seed is None else seed,
             mean=self.mean, std=self.std,
         )

@@ -25,13 +25,24 @@ from typing import Any
 
 import torch
 
+from sslens.evaluate.embedding import effective_perplexity, tsne_embedding
+from sslens.evaluate.features import extract_features
+from sslens.evaluate.quality import evaluate_encoder
+from sslens.explain.gradcam import flip_and_crop
+from sslens.explain.metrics.faithfulness import deletion_insertion
+from sslens.explain.metrics.invariance import saliency_invariance
+from sslens.explain.metrics.localization import localization_scores
+from sslens.explain.metrics.sanity import model_randomization_test
 from sslens.registry import Registry
 from sslens.study import sections
 from sslens.study.cache import StageResult
 from sslens.study.context import StudyContext
+from sslens.study.explainers import build_explainer
 from sslens.study.models import StudyModel
 from sslens.study.sharding import explain_rows
 
+#: The built-in experiments are defined in this module; users register more with
+#: :func:`register_experiment`.
 EXPERIMENTS = Registry("experiment")
 
 #: The experiments a study runs when its config names none, in report order.
@@ -95,8 +106,6 @@ def _pooled(ctx: StudyContext, model: StudyModel) -> torch.nn.Module:
 )
 def quality(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """Weighted kNN and linear-probe top-1 (:func:`sslens.evaluate.evaluate_encoder`)."""
-    from sslens.evaluate import evaluate_encoder
-
     result = evaluate_encoder(
         _pooled(ctx, model), ctx.train_data, ctx.test_data, k=settings["k"], temperature=settings["temperature"],
         linear=settings["linear"], linear_epochs=settings["linear_epochs"], device=ctx.device, seed=ctx.seed,
@@ -115,9 +124,6 @@ def quality(ctx: StudyContext, model: StudyModel, settings: dict, samples: int |
 )
 def tsne(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """2-D t-SNE (fixed seed) of the pooled representation and of the projection output."""
-    from sslens.evaluate.embedding import effective_perplexity, tsne_embedding
-    from sslens.evaluate.features import extract_features
-
     indices = ctx.sample("tsne", samples)
     data = ctx.test_data.subset(indices)
     arrays = {"labels": data.labels.cpu().numpy()}
@@ -145,9 +151,7 @@ def tsne(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | No
     explainers=("relax",),
 )
 def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """:func:`~sslens.evaluate.invariance.saliency_invariance` of RELAX maps (reference Table 1)."""
-    from sslens.evaluate.invariance import saliency_invariance
-
+    """:func:`~sslens.explain.metrics.invariance.saliency_invariance` of RELAX maps (reference Table 1)."""
     images = ctx.images(ctx.sample("invariance", samples))
     encoder = _pooled(ctx, model)
     relax = ctx.explain_fn("relax", encoder)
@@ -175,9 +179,7 @@ def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
     samples=8,
 )
 def faithfulness(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """:func:`~sslens.evaluate.faithfulness.deletion_insertion` for each explainer."""
-    from sslens.evaluate.faithfulness import deletion_insertion
-
+    """:func:`~sslens.explain.metrics.faithfulness.deletion_insertion` for each explainer."""
     encoder = _pooled(ctx, model)
     images = ctx.images(ctx.sample("faithfulness", samples))
     results = {}
@@ -200,8 +202,6 @@ def faithfulness(ctx: StudyContext, model: StudyModel, settings: dict, samples: 
 )
 def localization(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """Pointing game and relevance mass of each explainer's maps (datasets with object masks)."""
-    from sslens.evaluate.localization import localization_scores
-
     if getattr(ctx.test_data, "masks", None) is None:
         return StageResult({"skipped": "the dataset has no ground-truth object masks"})
     indices = ctx.sample("localization", samples, with_masks=True)
@@ -229,9 +229,7 @@ def localization(ctx: StudyContext, model: StudyModel, settings: dict, samples: 
     samples=4,
 )
 def sanity(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """:func:`~sslens.evaluate.sanity.model_randomization_test`, top block first."""
-    from sslens.evaluate.sanity import model_randomization_test
-
+    """:func:`~sslens.explain.metrics.sanity.model_randomization_test`, top block first."""
     encoder = _pooled(ctx, model)
     # Layer names as seen from the encoder (an InputAdapter puts the backbone one level down).
     prefix = next(name for name, module in encoder.named_modules() if module is model.method.backbone)
@@ -258,15 +256,13 @@ def sanity(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | 
 )
 def perceptual(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """:class:`~sslens.explain.PerceptualComponents` maps, using the dataset's depth when it has one."""
-    from sslens.study.explainers import EXPLAINER_SPECS
-
     indices = ctx.sample("perceptual", samples)
     images = ctx.images(indices)
     depth = getattr(ctx.test_data, "depth", None)
     depth = None if depth is None else depth[indices.to(depth.device)].to(images.device)
-    options = {**ctx.config.explainers.get("perceptual", {}), "components": settings["components"]}
-    explainer = EXPLAINER_SPECS.get("perceptual").factory(
-        _pooled(ctx, model), seed=ctx.seed, mean=ctx.mean, std=ctx.std, **options
+    explainer = build_explainer(
+        "perceptual", _pooled(ctx, model), ctx.config.explainers.get("perceptual", {}), seed=ctx.seed,
+        mean=ctx.mean, std=ctx.std, fixed={"components": settings["components"]},
     )
     explanation = explain_rows(explainer, images, depth=depth)
     components = {}
@@ -297,9 +293,6 @@ def perceptual(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
 )
 def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """Per anchor image: an augmented view, a same-class image and a different-class image."""
-    from sslens.explain import SimilarityCAM
-    from sslens.explain.gradcam import flip_and_crop
-
     anchors = ctx.sample("gradcam_pairs", samples)
     labels = ctx.test_data.labels.cpu()
     generator = ctx.generator("gradcam_pairs.partners")
@@ -316,7 +309,10 @@ def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples:
             seconds.append(ctx.images(torch.tensor([partner])))
             kinds.append((kind, anchor, partner))
     first, second = torch.cat(firsts), torch.cat(seconds)
-    cam = SimilarityCAM(_pooled(ctx, model), symmetric=True, seed=ctx.seed, **ctx.config.explainers.get("gradcam", {}))
+    cam = build_explainer(
+        "gradcam", _pooled(ctx, model), ctx.config.explainers.get("gradcam", {}), seed=ctx.seed,
+        mean=ctx.mean, std=ctx.std, fixed={"symmetric": True},
+    )
     explanation = explain_rows(cam, first, per_image_info=("similarity",), reference=second)
     results = {
         "pairs": [

@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from sslens.data.base import data_fingerprint
 from sslens.distributed import barrier, broadcast_object, world
-from sslens.study.cache import digest, file_sha256
-from sslens.study.config import ModelSpec
-from sslens.train.checkpoint import META_FILE, latest_checkpoint, load_model, resolve_model_file
+from sslens.hashing import file_sha256, json_sha256
+from sslens.models.adapt import adapt_input
+from sslens.published import import_cached
+from sslens.store import MODEL_FILE, RunDir, load_model, resolve_model_file
+from sslens.study.spec import ModelSpec
 from sslens.train.config import TrainConfig
 
 #: TrainConfig keys that do not change the learned weights' recipe.
@@ -54,8 +55,6 @@ class StudyModel:
         """The ``output`` embedding as a module taking ``data``'s images (its size and
         normalisation); models that expect other inputs (imported ImageNet models) are wrapped
         in an :class:`~sslens.models.adapt.InputAdapter`."""
-        from sslens.models.adapt import adapt_input
-
         return adapt_input(
             self.method.encoder(output), self.meta, image_size=data.image_size, mean=data.mean, std=data.std
         )
@@ -78,27 +77,9 @@ def recipe(config: TrainConfig | dict) -> dict:
     return {k: v for k, v in values.items() if k not in IGNORED_TRAIN_KEYS}
 
 
-def _stored_recipe(run_dir: Path) -> dict | None:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    return recipe(yaml.safe_load(path.read_text()) or {})
-
-
-def _stored_data(run_dir: Path) -> tuple[bool, str | None]:
-    """(whether the run has weights yet, the training data's fingerprint recorded with them)."""
-    for weights in (run_dir / "model", latest_checkpoint(run_dir)):
-        if weights is not None and (weights / META_FILE).is_file():
-            return True, json.loads((weights / META_FILE).read_text()).get("data_fingerprint")
-    return False, None
-
-
 def training_data_fingerprint(spec: ModelSpec) -> str:
     """:func:`~sslens.data.base.data_fingerprint` of the training split ``spec`` trains on."""
-    from sslens.data.base import data_fingerprint
-    from sslens.train.loop import load_split
-
-    return data_fingerprint(load_split(spec.train, "train", torch.device("cpu")))
+    return data_fingerprint(spec.train.data_split("train", torch.device("cpu")))
 
 
 def run_directory(models_root: Path, spec: ModelSpec, data: Callable[[], str]) -> Path:
@@ -106,40 +87,25 @@ def run_directory(models_root: Path, spec: ModelSpec, data: Callable[[], str]) -
     ``<name>/`` unless that holds another recipe, or weights of other (or unrecorded) data.
     ``data`` is called only when the answer depends on it, so a first run loads no data here."""
     wanted = recipe(spec.train)
-    primary = models_root / spec.name
-    stored = _stored_recipe(primary)
-    if not primary.exists() or (stored is None and not any(primary.iterdir())):
-        return primary
-    has_weights, trained_on = _stored_data(primary)
+    primary = RunDir(models_root / spec.name)
+    stored = primary.read_config()
+    stored = None if stored is None else recipe(stored)
+    if not primary.path.exists() or (stored is None and not any(primary.path.iterdir())):
+        return primary.path
+    weights = primary.weights_meta()
     # Without weights the folder holds at most an unfinished first epoch, which is overwritten.
-    if stored == wanted and (not has_weights or trained_on == data()):
-        return primary
-    return models_root / f"{spec.name}-{digest({**wanted, 'data_fingerprint': data()})[:8]}"
-
-
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / "model" / "model.safetensors").is_file()
-
-
-def training_seconds(run_dir: Path) -> float | None:
-    """Sum of the epoch times in ``log.jsonl`` (a resumed run's epochs counted once each)."""
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
-        return None
-    epochs = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("kind") == "epoch" and "epoch_time_s" in record:
-            epochs[record["epoch"]] = record["epoch_time_s"]
-    return float(sum(epochs.values())) if epochs else None
+    if stored == wanted and (weights is None or weights.get("data_fingerprint") == data()):
+        return primary.path
+    return models_root / f"{spec.name}-{json_sha256({**wanted, 'data_fingerprint': data()})[:8]}"
 
 
 def _training_plan(models_root: Path, spec: ModelSpec) -> tuple[Path, tuple[bool, bool] | None]:
     """(run directory, (resume, overwrite) for train(), or None when the run is finished)."""
     run_dir = run_directory(models_root, spec, functools.cache(lambda: training_data_fingerprint(spec)))
-    if is_finished(run_dir):
+    run = RunDir(run_dir)
+    if run.is_finished():
         return run_dir, None
-    resume = latest_checkpoint(run_dir) is not None
+    resume = run.latest_checkpoint() is not None
     # Without a checkpoint the folder holds at most an unfinished first epoch of this recipe.
     overwrite = not resume and run_dir.exists() and any(run_dir.iterdir())
     return run_dir, (resume, overwrite)
@@ -162,8 +128,6 @@ def prepare_model(
     if spec.checkpoint is not None:
         checkpoint = spec.checkpoint
         if spec.format is not None:
-            from sslens.models.imports import import_cached
-
             checkpoint = broadcast_object(
                 import_cached(checkpoint, spec.format, arch=spec.arch, timm_name=spec.timm_name) if main else None
             )
@@ -180,8 +144,9 @@ def prepare_model(
         # The other ranks load the model only once rank 0 has written it.
         barrier()
         source = "trained"
-    model_file = run_dir / "model" / "model.safetensors"
-    method, meta = load_model(run_dir / "model", device=device)
+    run = RunDir(run_dir)
+    model_file = run.model_dir / MODEL_FILE
+    method, meta = load_model(run.model_dir, device=device)
     return StudyModel(
-        spec.name, method, meta, model_file, file_sha256(model_file), training_seconds(run_dir), source
+        spec.name, method, meta, model_file, file_sha256(model_file), run.training_seconds(), source
     )

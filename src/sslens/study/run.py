@@ -32,24 +32,20 @@ from typing import Any, TextIO
 
 import torch
 
+from sslens.atomic import atomic_write_bytes, jsonable, write_json_atomic
+from sslens.data.base import load_split
+from sslens.device import resolve_device
 from sslens.distributed import barrier, broadcast_object, init_distributed, world
-from sslens.report import (
-    Section,
-    Table,
-    environment_info,
-    format_cell,
-    render_html,
-    write_json_atomic,
-)
-from sslens.report.html import plain
-from sslens.study.cache import CACHE_VERSION, StageCache, StageResult, digest
-from sslens.study.config import StudyConfig, split_train_config
+from sslens.hashing import json_sha256
+from sslens.report.html import Section, Table, environment_info, format_cell, render_html
+from sslens.study.cache import CACHE_VERSION, StageCache, StageResult
 from sslens.study.context import StudyContext
 from sslens.study.experiments import EXPERIMENTS, stage_inputs
 from sslens.study.models import prepare_model
 from sslens.study.progress import StudyProgress
 from sslens.study.sections import TRADEOFF_COLUMNS, tradeoff_rows
-from sslens.train.checkpoint import atomic_write_bytes
+from sslens.study.spec import StudyConfig
+from sslens.train.loop import train
 
 
 @dataclass
@@ -78,8 +74,6 @@ def run_study(
         progress: a rich bar (True), plain lines (False) or a bar only on a terminal ("auto").
         stream: where the progress display goes (stdout by default).
     """
-    from sslens.train.loop import load_split, resolve_device, train
-
     started = time.perf_counter()
     out = Path(out)
     device = init_distributed(resolve_device(config.device))
@@ -88,8 +82,12 @@ def run_study(
     total = 2 + len(config.models) + len(_per_model(config)) * len(config.models)
     with StudyProgress(total, bar=progress, stream=stream, quiet=not main) as display:
         with display.stage("loading the dataset"):
+            dataset = config.dataset
             splits = {
-                split: load_split(split_train_config(config.dataset, split, config.device, config.seed), split, device)
+                split: load_split(
+                    dataset["name"], split, data_dir=dataset["data_dir"], image_size=dataset["image_size"],
+                    options={**dataset["options"], **dataset[f"{split}_options"]}, device=device,
+                )
                 for split in ("train", "test")
             }
         ctx = StudyContext(config, device, splits["train"], splits["test"])
@@ -107,7 +105,7 @@ def run_study(
         for name in _per_model(config):
             inputs = stage_inputs(ctx, name)
             for model in ctx.models.values():
-                key = digest({**inputs, "weights": model.weights_sha256, "version": CACHE_VERSION})
+                key = json_sha256({**inputs, "weights": model.weights_sha256, "version": CACHE_VERSION})
                 # Rank 0 looks up the cache for all ranks: they must run or skip a stage together
                 # (explanation stages are collective), whatever rank 0 has written meanwhile.
                 result = broadcast_object(cache.get(model.name, name, key) if main else None)
@@ -133,7 +131,7 @@ def _run_stage(ctx: StudyContext, name: str, model) -> StageResult:
     torch.manual_seed(ctx.seed)
     result = experiment.run(ctx, model, ctx.config.settings.get(name, {}), ctx.config.samples.get(name))
     # NaN becomes None now, as it will be after a cache round trip: a cached rerun is identical.
-    return StageResult(plain(result.results), result.arrays)
+    return StageResult(jsonable(result.results), result.arrays)
 
 
 def write_report(ctx: StudyContext, out: Path) -> tuple[Path, Path]:

@@ -14,16 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from sslens.evaluate.invariance import RETEST
-from sslens.report import (
-    Table,
+from sslens.explain.base import explainer_label
+from sslens.explain.display import normalize_map
+from sslens.explain.metrics.invariance import RETEST, invariance_augmentation
+from sslens.report.figures import (
     bar_chart,
     curves_figure,
     heatmap_grid,
     invariance_table_figure,
     tsne_figure,
 )
-from sslens.study.explainers import label
+from sslens.report.html import Table
 
 FLAG = "FLAGGED: maps ignore the weights"
 
@@ -60,8 +61,6 @@ def tsne(ctx, outputs: dict, settings: dict) -> SectionContent:
 
 
 def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
-    from sslens.evaluate.invariance import INVARIANCE_AUGMENTATIONS
-
     augmentations = settings["augmentations"]
     iou = {m: {a: o.results[a]["iou_mean"] for a in augmentations} for m, o in outputs.items()}
     # The retest (same image, other masks) is the column every augmentation's score is read against.
@@ -78,7 +77,7 @@ def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
     # The example row shows each augmented image with its own map, in the augmented frame.
     first = ctx.images(indices[:1])
     views = [("original", first)] + [
-        (a, INVARIANCE_AUGMENTATIONS.create(a, mean=ctx.mean, std=ctx.std).apply(first)) for a in augmentations
+        (a, invariance_augmentation(a, ctx.mean, ctx.std).apply(first)) for a in augmentations
     ]
     pictures = {name: ctx.display(view)[0] for name, view in views}
     grid = [(m, [(name, pictures[name], o.arrays["example_maps"][i]) for i, (name, _) in enumerate(views)])
@@ -100,9 +99,9 @@ def faithfulness(ctx, outputs: dict, settings: dict) -> SectionContent:
         curves = {}
         for name, result in output.results.items():
             x = np.asarray(result["x"])
-            curves[f"{label(name)} deletion"] = (x, np.asarray(result["curves"]["deletion"]))
-            curves[f"{label(name)} insertion"] = (x, np.asarray(result["curves"]["insertion"]))
-            rows.append([model, label(name), result["deletion_auc"], result["random_deletion_auc"],
+            curves[f"{explainer_label(name)} deletion"] = (x, np.asarray(result["curves"]["deletion"]))
+            curves[f"{explainer_label(name)} insertion"] = (x, np.asarray(result["curves"]["insertion"]))
+            rows.append([model, explainer_label(name), result["deletion_auc"], result["random_deletion_auc"],
                          result["insertion_auc"], result["random_insertion_auc"]])
         result = next(iter(output.results.values()))
         # The images measured: fewer than samples.faithfulness when the test split is smaller.
@@ -126,9 +125,9 @@ def localization(ctx, outputs: dict, settings: dict) -> SectionContent:
     for model, output in scored.items():
         for name, scores in output.results["explainers"].items():
             pointing, mass = scores["pointing_game"], scores["relevance_mass"]
-            bars.setdefault(model, {})[f"{label(name)} pointing"] = (pointing["mean"], pointing["std"])
-            bars[model][f"{label(name)} mass"] = (mass["mean"], mass["std"])
-            rows.append([model, label(name), (pointing["mean"], pointing["std"]), (mass["mean"], mass["std"])])
+            bars.setdefault(model, {})[f"{explainer_label(name)} pointing"] = (pointing["mean"], pointing["std"])
+            bars[model][f"{explainer_label(name)} mass"] = (mass["mean"], mass["std"])
+            rows.append([model, explainer_label(name), (pointing["mean"], pointing["std"]), (mass["mean"], mass["std"])])
     return SectionContent(
         [("scores", "Pointing game and relevance mass (mean ± std over images).",
           bar_chart(bars, ylabel="score", xlabel="metric", title="Localisation"))],
@@ -143,8 +142,8 @@ def sanity(ctx, outputs: dict, settings: dict) -> SectionContent:
         for name, result in output.results.items():
             count = len(result["spearman_per_image"][0])  # the images measured
             steps = ["none", *result["steps"]]
-            curves[f"{model} · {label(name)}"] = (np.arange(len(steps)), np.asarray([1.0, *result["spearman_mean"]]))
-            rows.append([model, label(name), " → ".join(result["steps"]),
+            curves[f"{model} · {explainer_label(name)}"] = (np.arange(len(steps)), np.asarray([1.0, *result["spearman_mean"]]))
+            rows.append([model, explainer_label(name), " → ".join(result["steps"]),
                          " / ".join("–" if v is None else f"{v:.3f}" for v in result["spearman_mean"]),
                          result["verdict"], "" if result["changed"] else FLAG])
     return SectionContent(
@@ -157,8 +156,6 @@ def sanity(ctx, outputs: dict, settings: dict) -> SectionContent:
 
 
 def perceptual(ctx, outputs: dict, settings: dict) -> SectionContent:
-    from sslens.explain.display import normalize_map
-
     bars = {m: {c: (v["mean"], v["std"]) for c, v in o.results["components"].items()} for m, o in outputs.items()}
     components = list(dict.fromkeys(c for per_model in bars.values() for c in per_model))
     rows = [[m, *[bars[m].get(c) for c in components]] for m in outputs]
@@ -210,7 +207,7 @@ def tradeoff_rows(ctx) -> list[dict[str, Any]]:
         ious = [] if invariance is None else [v["iou_mean"] for a, v in invariance.results.items() if a != RETEST]
         sanity = ctx.outputs.get("sanity", {}).get(model)
         verdicts = None if sanity is None else "; ".join(
-            f"{label(name)}: {'passes' if r['changed'] else FLAG}" for name, r in sanity.results.items()
+            f"{explainer_label(name)}: {'passes' if r['changed'] else FLAG}" for name, r in sanity.results.items()
         )
         rows.append({
             "model": model,

@@ -1,34 +1,24 @@
-"""Training: the typed config, optimisers and schedule, the one training loop, checkpoints.
+"""Training: the typed config, optimisers and schedule, and the one training loop.
 
->>> from sslens.train import load_config, train, load_model  # doctest: +SKIP
+>>> from sslens.train import load_config, train  # doctest: +SKIP
 >>> run = train(load_config("simclr-synthetic", {"epochs": 2}))  # doctest: +SKIP
->>> method, meta = load_model(run)  # doctest: +SKIP
+>>> method, meta = sslens.load_model(run)  # doctest: +SKIP
 """
 
-from sslens.train.checkpoint import (
-    latest_checkpoint,
-    load_model,
-    provenance,
-    save_checkpoint,
-    save_model,
-)
-from sslens.train.config import TrainConfig, load_config, save_config
-from sslens.train.loop import train
-from sslens.train.optim import LARS, OPTIMIZERS, create_optimizer, lr_at, parameter_groups
+from sslens.lazy import lazy_exports
 
-__all__ = [
-    "LARS",
-    "OPTIMIZERS",
-    "TrainConfig",
-    "create_optimizer",
-    "latest_checkpoint",
-    "load_config",
-    "load_model",
-    "lr_at",
-    "parameter_groups",
-    "provenance",
-    "save_checkpoint",
-    "save_config",
-    "save_model",
-    "train",
-]
+_EXPORTS = {
+    "TrainConfig": "sslens.train.config",
+    "load_config": "sslens.train.config",
+    "save_config": "sslens.train.config",
+    "packaged_configs": "sslens.train.config",
+    "train": "sslens.train.loop",
+    "train_step": "sslens.train.loop",
+    "LARS": "sslens.train.optim",
+    "OPTIMIZERS": "sslens.train.optim",
+    "create_optimizer": "sslens.train.optim",
+    "lr_at": "sslens.train.optim",
+    "parameter_groups": "sslens.train.optim",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -11,11 +11,10 @@ message lists the valid choices, before any data is loaded.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,7 +22,14 @@ from typing import Any
 
 import yaml
 
+from sslens.atomic import atomic_write_bytes
+from sslens.checks import suggestion
+from sslens.data.augment import VIEW_RECIPES
+from sslens.data.base import DATASETS, load_split
 from sslens.errors import UserError
+from sslens.methods.base import METHODS
+from sslens.models.base import BACKBONES
+from sslens.train.optim import OPTIMIZERS
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -103,7 +109,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key, hint in typing.get_type_hints(type(self)).items():
-            setattr(self, key, _check_type(key, getattr(self, key), hint))
+            setattr(self, key, check_type(key, getattr(self, key), hint))
         for key, check, requirement in _RANGES:
             value = getattr(self, key)
             if value is not None and not check(value):
@@ -122,6 +128,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def data_split(self, split: str, device: Any = None) -> Any:
+        """The ``split`` ("train"/"test") of the data this config trains on
+        (:func:`sslens.data.base.load_split`)."""
+        return load_split(
+            self.data, split, data_dir=self.data_dir, image_size=self.image_size,
+            options=self.data_options, device=device,
+        )
 
 
 def _positive(value: float) -> bool:
@@ -151,32 +165,25 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("max_steps", _positive, "a positive number of steps, or null for no limit"),
 )
 
-#: Config keys whose value must be a registered name: (module, registry attribute).
-_NAMED: dict[str, tuple[str, str]] = {
-    "method": ("sslens.methods.base", "METHODS"),
-    "backbone": ("sslens.models.base", "BACKBONES"),
-    "data": ("sslens.data.base", "DATASETS"),
-    "views": ("sslens.data.augment", "VIEW_RECIPES"),
-    "optimizer": ("sslens.train.optim", "OPTIMIZERS"),
+#: Config keys whose value must be a registered name → the names it may take.
+_NAMED: dict[str, Callable[[], list[str]]] = {
+    "method": METHODS.names,
+    "backbone": BACKBONES.names,
+    "data": DATASETS.names,
+    "views": VIEW_RECIPES.names,
+    "optimizer": lambda: sorted(OPTIMIZERS),
 }
-
-#: Modules whose import registers the entries of the registries above.
-_REGISTERING_MODULES = ("sslens.methods", "sslens.models", "sslens.data", "sslens.data.augment")
 
 
 def _check_names(config: TrainConfig) -> None:
-    for module in _REGISTERING_MODULES:
-        importlib.import_module(module)
-    for key, (module, attribute) in _NAMED.items():
+    for key, choices in _NAMED.items():
         value = getattr(config, key)
         if value is None:
             continue
-        registry = getattr(importlib.import_module(module), attribute)
-        if value not in registry:
-            close = difflib.get_close_matches(value, registry.names(), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+        valid = choices()
+        if value not in valid:
             raise UserError(
-                f"Unknown {key} {value!r} in the config.{hint} Valid choices: {', '.join(registry.names())}."
+                f"Unknown {key} {value!r} in the config.{suggestion(value, valid)} Valid choices: {', '.join(valid)}."
             )
 
 
@@ -184,7 +191,7 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _check_type(key: str, value: Any, hint: Any) -> Any:
+def check_type(key: str, value: Any, hint: Any) -> Any:
     """``value`` converted to ``hint`` where that loses nothing, else a UserError."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         options = typing.get_args(hint)
@@ -195,7 +202,7 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             if option is type(None):
                 continue
             try:
-                return _check_type(key, value, option)
+                return check_type(key, value, option)
             except UserError as error:
                 errors.append(error)
         names = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
@@ -230,10 +237,8 @@ def _dict_keys() -> list[str]:
 
 
 def _unknown_key_error(key: str, where: str) -> UserError:
-    close = difflib.get_close_matches(key, config_keys(), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     return UserError(
-        f"Unknown config key {key!r} {where}.{hint} Valid keys: {', '.join(config_keys())}. "
+        f"Unknown config key {key!r} {where}.{suggestion(key, config_keys())} Valid keys: {', '.join(config_keys())}. "
         f"Nested options go under {', '.join(_dict_keys())} (e.g. method_options.temperature=0.2)."
     )
 
@@ -331,7 +336,5 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (``load_config(path)`` reads it back)."""
-    from sslens.train.checkpoint import atomic_write_bytes
-
     text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
     atomic_write_bytes(path, text.encode())

@@ -35,12 +35,16 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sslens.atomic import atomic_write_bytes
+from sslens.data.augment import VIEW_RECIPES, create_views
+from sslens.data.base import data_fingerprint
+from sslens.device import resolve_device
 from sslens.distributed import (
     barrier,
     broadcast_object,
@@ -51,13 +55,11 @@ from sslens.distributed import (
     world,
 )
 from sslens.errors import UserError
-from sslens.train.checkpoint import (
-    latest_checkpoint,
-    load_training_state,
-    provenance,
-    save_checkpoint,
-    save_model,
-)
+from sslens.evaluate.features import extract_features, labels_of
+from sslens.evaluate.knn import knn_top1
+from sslens.methods.base import METHODS, create_method
+from sslens.models.base import create_backbone
+from sslens.store import RunDir, load_training_state, provenance
 from sslens.train.config import TrainConfig, save_config
 from sslens.train.optim import create_optimizer, lr_at, set_lr
 from sslens.train.progress import Progress
@@ -65,24 +67,208 @@ from sslens.train.progress import Progress
 #: Where ``overwrite=True`` parks the previous run until the new one has a checkpoint.
 REPLACED_DIR = ".replaced-run"
 
-#: Files and folders that mark a directory as holding a run.
-RUN_MARKERS = ("config.yaml", "log.jsonl", "checkpoints", "model")
 
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train ``config.method`` and return the run directory (``config.out``).
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else the CPU; a missing device is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    Writes ``RUN/config.yaml``, ``RUN/log.jsonl``, checkpoints under ``RUN/checkpoints/`` and
+    the final model under ``RUN/model/`` (load it with :func:`sslens.store.load_model`).
+
+    Args:
+        config: the resolved training config.
+        resume: continue from the latest checkpoint in ``config.out``; the config must describe
+            the same method and backbone (``epochs`` may grow: the cosine schedule then
+            stretches over the new length from the resumed step).
+        overwrite: replace a run already in ``config.out``. Its files are parked in
+            ``RUN/.replaced-run`` and deleted once the new run has written a checkpoint.
+
+    A new run refuses a non-empty ``config.out`` unless one of the two flags is given.
+    ``max_steps`` may end the run mid-epoch: the final model is then saved, but no checkpoint
+    is written for the unfinished epoch.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train() needs a TrainConfig (see sslens.train.load_config); got {type(config).__name__}")
+    run = RunDir(config.out)
+    device = init_distributed(resolve_device(config.device))
+    current = world()
+    if config.batch_size % current.size:
         raise UserError(
-            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)."
+            f"batch_size {config.batch_size} is the global batch and must divide evenly over the "
+            f"{current.size} processes; use a multiple of {current.size}."
         )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} was asked for but MPS is not available here; use --device cpu.")
-    return device
+    _on_main(lambda: _prepare_run_dir(run, resume=resume, overwrite=overwrite))
+
+    with _kernel_settings(config.deterministic, device):
+        torch.manual_seed(config.seed)
+        setup = _Setup.build(config, device)
+        method, optimizer, recipe = setup.method, setup.optimizer, setup.recipe
+        epoch, step = _restore(run, setup) if resume else (0, 0)
+        log = _RunLog(run, keep_until_step=step if resume else None) if current.is_main else None
+        if current.is_main:
+            save_config(config, run.config_file)
+        if config.compile:
+            for module in method.children():
+                module.compile()
+        model = data_parallel(method, device) if current.distributed else method
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        total_steps, warmup_steps = setup.total_steps, setup.warmup_steps
+        images_per_step = config.batch_size
+
+        with Progress(total_steps, initial_step=step, bar=config.progress, silent=not current.is_main) as progress:
+            if epoch > 0:
+                progress.message(f"resumed {run.path} at epoch {epoch}, step {step}")
+            while epoch < config.epochs and step < total_steps:
+                method.train()
+                # Each rank draws its own views: rank r's seed is offset by r · 2^32.
+                generator = torch.Generator(device=device).manual_seed(_epoch_seed(config.seed, epoch) + current.rank * 2**32)
+                epoch_meter, window = _Meter(device), _Meter(device)
+                lr = config.lr
+                for images, _ in setup.batches(epoch):
+                    lr = lr_at(step, total_steps, warmup_steps, config.lr, config.min_lr)
+                    set_lr(optimizer, lr)
+                    output = train_step(method, optimizer, recipe(images, generator), step, total_steps, autocast=autocast, model=model)
+                    step += 1
+                    for meter in (epoch_meter, window):
+                        meter.add(output.loss, output.metrics, images_per_step)
+                    progress.advance()
+                    if step % config.log_every == 0:
+                        _emit({"kind": "step", "epoch": epoch + 1, "step": step, "lr": lr, **window.read()}, log, progress)
+                        window.reset()
+                    if step >= total_steps:
+                        break
+                finished_epoch = epoch_meter.steps == setup.steps_per_epoch
+                epoch += 1
+                record = {"kind": "epoch", "epoch": epoch, "step": step, "lr": lr, **epoch_meter.read()}
+                record["epoch_time_s"] = time.perf_counter() - epoch_meter.started
+                if setup.test_data is not None and (epoch % config.knn_every == 0 or epoch == config.epochs):
+                    record["knn_top1"] = _knn_monitor(method, setup.train_data, setup.test_data, config, device)
+                _emit(record, log, progress)
+                if finished_epoch and (epoch % config.checkpoint_every == 0 or epoch == config.epochs) and current.is_main:
+                    run.save_checkpoint(method, setup.meta(epoch, step), _training_state(optimizer, epoch, step, setup), keep=config.keep_checkpoints)
+                    _drop_replaced(run)
+        if current.is_main:
+            run.save_model(method, setup.meta(epoch, step))
+            _drop_replaced(run)
+        # No rank returns before the model is on disk: callers (the study) read it next.
+        barrier()
+    return run.path
+
+
+@dataclass
+class _Setup:
+    """Everything a run trains with, built from its config: data, method, views, optimiser and
+    the step schedule."""
+
+    config: TrainConfig
+    device: torch.device
+    train_data: Any
+    test_data: Any
+    train_fingerprint: str
+    method: Any
+    method_options: dict
+    recipe: Any
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def build(cls, config: TrainConfig, device: torch.device) -> _Setup:
+        train_data = config.data_split("train", device)
+        test_data = config.data_split("test", device) if config.knn_every > 0 else None
+        method_options = _with_default_seed(METHODS.get(config.method), config.method_options, config.seed)
+        with _user_input("backbone_options"):
+            backbone = create_backbone(config.backbone, **config.backbone_options)
+        with _user_input("method_options"):
+            method = create_method(config.method, backbone, **method_options)
+        on_cuda = device.type == "cuda"
+        method = method.to(device, memory_format=torch.channels_last) if on_cuda else method.to(device)
+        if world().distributed and config.sync_batchnorm:
+            synchronise_batchnorm(method, device)
+        views_name = config.views or method.default_views
+        views_options = _with_default_seed(VIEW_RECIPES.get(views_name), config.views_options, config.seed)
+        with _user_input(f"views_options for the {views_name!r} recipe"):
+            recipe = create_views(
+                views_name, image_size=config.image_size, mean=train_data.mean, std=train_data.std, **views_options
+            )
+        optimizer = create_optimizer(
+            config.optimizer, method, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
+            fused=on_cuda,
+        )
+        steps_per_epoch = train_data.num_batches(config.batch_size, drop_last=True)
+        if steps_per_epoch == 0:
+            raise UserError(
+                f"batch_size {config.batch_size} exceeds the {len(train_data)} training images; lower --batch-size."
+            )
+        total_steps = config.epochs * steps_per_epoch
+        if config.max_steps is not None:
+            total_steps = min(total_steps, config.max_steps)
+        return cls(
+            config, device, train_data, test_data,
+            # Recorded with the weights: a study reuses a finished run only on the same data.
+            data_fingerprint(train_data),
+            method, method_options, recipe, optimizer, steps_per_epoch, total_steps,
+            warmup_steps=min(config.warmup_epochs * steps_per_epoch, total_steps),
+        )
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's part of every global batch of ``epoch``, in the (seed, epoch) order."""
+        current = world()
+        return self.train_data.iter_batches(
+            self.config.batch_size, shuffle=True, seed=self.config.seed, epoch=epoch, drop_last=True,
+            device=self.device, rank=current.rank, world_size=current.size,
+        )
+
+    def meta(self, epoch: int, step: int) -> dict[str, Any]:
+        """The ``meta.json`` of a checkpoint or model written after ``epoch`` / ``step``."""
+        config, data = self.config, self.train_data
+        return {
+            "method": config.method,
+            "method_options": self.method_options,
+            "backbone": config.backbone,
+            "backbone_options": config.backbone_options,
+            "image_size": [config.image_size, config.image_size],
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "class_names": list(data.class_names),
+            "data": data.source or config.data,
+            "data_fingerprint": self.train_fingerprint,
+            "views": self.recipe.describe(),
+            "epoch": epoch,
+            "step": step,
+            "config": config.to_dict(),
+            **provenance(),
+        }
+
+
+def _restore(run: RunDir, setup: _Setup) -> tuple[int, int]:
+    """Load the latest checkpoint's weights, optimiser and RNG states; its (epoch, step)."""
+    checkpoint = run.latest_checkpoint()
+    weights, meta, state = load_training_state(checkpoint)
+    _check_same_architecture(setup.config, meta, setup.method_options, checkpoint)
+    setup.method.load_state_dict(weights)
+    setup.optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return int(state["epoch"]), int(state["step"])
+
+
+def _training_state(optimizer: torch.optim.Optimizer, epoch: int, step: int, setup: _Setup) -> dict[str, Any]:
+    """What a checkpoint needs beyond the weights to resume bitwise-exactly (plain values only)."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "rng": _rng_state(),
+        "schedule": {"total_steps": setup.total_steps, "warmup_steps": setup.warmup_steps},
+    }
+
+
+def _emit(record: dict[str, Any], log: _RunLog | None, progress: Progress) -> None:
+    """Check a log record, append it to the run's log (rank 0) and show it."""
+    _check_finite(record)
+    if log is not None:
+        log.write(record)
+    progress.report(record)
 
 
 @contextlib.contextmanager
@@ -108,7 +294,7 @@ def _kernel_settings(deterministic: bool, device: torch.device) -> Iterator[None
         torch.backends.cudnn.benchmark = previous[2]
 
 
-def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def _prepare_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs; with ``overwrite``, park the old run in ``RUN/.replaced-run``.
 
     The parked run is deleted only once the new run has written its first checkpoint (see
@@ -116,8 +302,9 @@ def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; pass only one.")
+    run_dir = run.path
     if resume:
-        if latest_checkpoint(run_dir) is None:
+        if run.latest_checkpoint() is None:
             raise UserError(
                 f"Nothing to resume: {run_dir} holds no checkpoint. Drop --resume to start a new run there."
             )
@@ -134,8 +321,8 @@ def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     if not entries:
         run_dir.mkdir(parents=True, exist_ok=True)
         return
-    markers = [e.name for e in entries if e.name in RUN_MARKERS]
-    what = f"another run ({', '.join(sorted(markers))})" if markers else f"{len(entries)} other file(s)"
+    markers = run.markers()
+    what = f"another run ({', '.join(markers)})" if markers else f"{len(entries)} other file(s)"
     if not overwrite:
         raise UserError(
             f"{run_dir} already holds {what}. Continue it with --resume, choose another --out, or "
@@ -147,8 +334,8 @@ def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         os.replace(entry, parked / entry.name)
 
 
-def _drop_replaced(run_dir: Path) -> None:
-    shutil.rmtree(run_dir / REPLACED_DIR, ignore_errors=True)
+def _drop_replaced(run: RunDir) -> None:
+    shutil.rmtree(run.path / REPLACED_DIR, ignore_errors=True)
 
 
 def _with_default_seed(factory: Any, options: dict, seed: int) -> dict:
@@ -156,22 +343,6 @@ def _with_default_seed(factory: Any, options: dict, seed: int) -> dict:
     if "seed" not in options and "seed" in inspect.signature(factory).parameters:
         return {**options, "seed": seed}
     return dict(options)
-
-
-def _data_options(config: TrainConfig) -> dict:
-    """Options for ``load_dataset``: ``data_options`` plus ``data_dir``/``image_size`` where the
-    source takes them and they were not set explicitly."""
-    from sslens.data import DATASETS
-
-    accepted = inspect.signature(DATASETS.get(config.data)).parameters
-    options = dict(config.data_options)
-    if config.data_dir is not None:
-        if "data_dir" not in accepted:
-            raise UserError(f"The {config.data!r} dataset reads no files, so it takes no --data-dir.")
-        options.setdefault("data_dir", config.data_dir)
-    if "image_size" in accepted:
-        options.setdefault("image_size", config.image_size)
-    return options
 
 
 @contextlib.contextmanager
@@ -187,16 +358,6 @@ def _user_input(what: str) -> Iterator[None]:
         raise
     except (ValueError, TypeError) as error:
         raise UserError(f"Invalid {what}: {error}") from error
-
-
-def load_split(config: TrainConfig, split: str, device: torch.device) -> Any:
-    """The ``split`` ("train"/"test") of the config's dataset; in-memory data moved to ``device``."""
-    from sslens.data import ImageData, load_dataset
-
-    with _user_input(f"data options for {config.data!r}"):
-        data = load_dataset(config.data, split, **_data_options(config))
-    # Small datasets live on the device: no loader workers, no host-to-device copies per step.
-    return data.to(device) if isinstance(data, ImageData) else data
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -238,18 +399,17 @@ def _check_same_architecture(config: TrainConfig, meta: dict, method_options: di
 class _RunLog:
     """``RUN/log.jsonl``: one JSON object per line, flushed as it is written."""
 
-    def __init__(self, path: Path, *, keep_until_step: int | None):
-        self.path = path
-        if keep_until_step is not None and path.exists():
+    def __init__(self, run: RunDir, *, keep_until_step: int | None):
+        self.path = run.log_file
+        if keep_until_step is not None and self.path.exists():
             # A resumed run repeats the steps after its checkpoint; drop their old records.
             # Atomically: a kill during a plain rewrite would lose the run's whole history.
-            # Every record ends with a newline, so text after the last one is a record torn by a
-            # kill mid-write; it cannot be read back, and dropping it beats refusing to resume.
-            complete = path.read_text().rpartition("\n")[0].splitlines()
-            kept = [line for line in complete if line.strip() and json.loads(line)["step"] <= keep_until_step]
-            atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+            # A record torn by a kill mid-write cannot be read back; dropping it beats refusing
+            # to resume.
+            kept = [record for record in run.read_log() if record["step"] <= keep_until_step]
+            atomic_write_bytes(self.path, "".join(json.dumps(record) + "\n" for record in kept).encode())
         elif keep_until_step is None:
-            path.write_text("")
+            self.path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
@@ -308,9 +468,6 @@ def _knn_monitor(method: Any, train_data: Any, test_data: Any, config: TrainConf
     Under torchrun each rank embeds its share of the images and the features are gathered, so
     the monitor stalls training for 1/ranks of the single-device time.
     """
-    from sslens.evaluate.features import extract_features, labels_of
-    from sslens.evaluate.knn import knn_top1
-
     encoder = _Eager(method.encoder("pooled"))
     batch_size = max(config.batch_size // world().size, 256)
 
@@ -327,184 +484,6 @@ def _knn_monitor(method: Any, train_data: Any, test_data: Any, config: TrainConf
         train_features, labels_of(train_data), test_features, labels_of(test_data),
         k=config.knn_k, temperature=config.knn_temperature, num_classes=len(train_data.class_names),
     )
-
-
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train ``config.method`` and return the run directory (``config.out``).
-
-    Writes ``RUN/config.yaml``, ``RUN/log.jsonl``, checkpoints under ``RUN/checkpoints/`` and
-    the final model under ``RUN/model/`` (load it with :func:`sslens.train.load_model`).
-
-    Args:
-        config: the resolved training config.
-        resume: continue from the latest checkpoint in ``config.out``; the config must describe
-            the same method and backbone (``epochs`` may grow: the cosine schedule then
-            stretches over the new length from the resumed step).
-        overwrite: replace a run already in ``config.out``. Its files are parked in
-            ``RUN/.replaced-run`` and deleted once the new run has written a checkpoint.
-
-    A new run refuses a non-empty ``config.out`` unless one of the two flags is given.
-    ``max_steps`` may end the run mid-epoch: the final model is then saved, but no checkpoint
-    is written for the unfinished epoch.
-    """
-    from sslens.data.augment import VIEW_RECIPES, create_views
-    from sslens.methods import METHODS, create_method
-    from sslens.models import create_backbone
-
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"train() needs a TrainConfig (see sslens.train.load_config); got {type(config).__name__}")
-    run_dir = Path(config.out)
-    device = init_distributed(resolve_device(config.device))
-    current = world()
-    if config.batch_size % current.size:
-        raise UserError(
-            f"batch_size {config.batch_size} is the global batch and must divide evenly over the "
-            f"{current.size} processes; use a multiple of {current.size}."
-        )
-    _on_main(lambda: _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite))
-    on_cuda = device.type == "cuda"
-
-    with _kernel_settings(config.deterministic, device):
-        torch.manual_seed(config.seed)
-        train_data = load_split(config, "train", device)
-        test_data = load_split(config, "test", device) if config.knn_every > 0 else None
-        # Recorded with the weights: a study reuses a finished run only on the same data.
-        from sslens.data.base import data_fingerprint
-
-        train_fingerprint = data_fingerprint(train_data)
-
-        method_options = _with_default_seed(METHODS.get(config.method), config.method_options, config.seed)
-        with _user_input("backbone_options"):
-            backbone = create_backbone(config.backbone, **config.backbone_options)
-        with _user_input("method_options"):
-            method = create_method(config.method, backbone, **method_options)
-        method = method.to(device, memory_format=torch.channels_last) if on_cuda else method.to(device)
-        if current.distributed and config.sync_batchnorm:
-            synchronise_batchnorm(method, device)
-        views_name = config.views or method.default_views
-        views_options = _with_default_seed(VIEW_RECIPES.get(views_name), config.views_options, config.seed)
-        with _user_input(f"views_options for the {views_name!r} recipe"):
-            recipe = create_views(
-                views_name, image_size=config.image_size, mean=train_data.mean, std=train_data.std,
-                **views_options,
-            )
-        optimizer = create_optimizer(
-            config.optimizer, method, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
-            fused=on_cuda,
-        )
-
-        steps_per_epoch = train_data.num_batches(config.batch_size, drop_last=True)
-        if steps_per_epoch == 0:
-            raise UserError(
-                f"batch_size {config.batch_size} exceeds the {len(train_data)} training images; "
-                f"lower --batch-size."
-            )
-        total_steps = config.epochs * steps_per_epoch
-        if config.max_steps is not None:
-            total_steps = min(total_steps, config.max_steps)
-        warmup_steps = min(config.warmup_epochs * steps_per_epoch, total_steps)
-
-        start_epoch, step = 0, 0
-        if resume:
-            checkpoint = latest_checkpoint(run_dir)
-            weights, meta, state = load_training_state(checkpoint)
-            _check_same_architecture(config, meta, method_options, checkpoint)
-            method.load_state_dict(weights)
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, step = int(state["epoch"]), int(state["step"])
-            _set_rng_state(state["rng"])
-        log = None
-        if current.is_main:
-            save_config(config, run_dir / "config.yaml")
-            log = _RunLog(run_dir / "log.jsonl", keep_until_step=step if resume else None)
-
-        def meta_now(epoch: int) -> dict[str, Any]:
-            return {
-                "method": config.method,
-                "method_options": method_options,
-                "backbone": config.backbone,
-                "backbone_options": config.backbone_options,
-                "image_size": [config.image_size, config.image_size],
-                "mean": list(train_data.mean),
-                "std": list(train_data.std),
-                "class_names": list(train_data.class_names),
-                "data": train_data.source or config.data,
-                "data_fingerprint": train_fingerprint,
-                "views": recipe.describe(),
-                "epoch": epoch,
-                "step": step,
-                "config": config.to_dict(),
-                **provenance(),
-            }
-
-        if config.compile:
-            for module in method.children():
-                module.compile()
-        model = data_parallel(method, device) if current.distributed else method
-
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-        )
-        epoch = start_epoch
-        with Progress(total_steps, initial_step=step, bar=config.progress, silent=not current.is_main) as progress:
-            if start_epoch > 0:
-                progress.message(f"resumed {run_dir} at epoch {start_epoch}, step {step}")
-            while epoch < config.epochs and step < total_steps:
-                method.train()
-                # Each rank draws its own views: rank r's seed is offset by r · 2^32.
-                generator = torch.Generator(device=device).manual_seed(
-                    _epoch_seed(config.seed, epoch) + current.rank * 2**32
-                )
-                epoch_meter, window = _Meter(device), _Meter(device)
-                batches = train_data.iter_batches(
-                    config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-                    drop_last=True, device=device, rank=current.rank, world_size=current.size,
-                )
-                lr = config.lr
-                for images, _ in batches:
-                    lr = lr_at(step, total_steps, warmup_steps, config.lr, config.min_lr)
-                    set_lr(optimizer, lr)
-                    views = recipe(images, generator)
-                    output = train_step(method, optimizer, views, step, total_steps, autocast=autocast, model=model)
-                    step += 1
-                    epoch_meter.add(output.loss, output.metrics, len(images) * current.size)
-                    window.add(output.loss, output.metrics, len(images) * current.size)
-                    progress.advance()
-                    if step % config.log_every == 0:
-                        record = {"kind": "step", "epoch": epoch + 1, "step": step, "lr": lr, **window.read()}
-                        _check_finite(record)
-                        if log is not None:
-                            log.write(record)
-                        progress.report(record)
-                        window.reset()
-                    if step >= total_steps:
-                        break
-                finished_epoch = epoch_meter.steps == steps_per_epoch
-                epoch += 1
-                record = {"kind": "epoch", "epoch": epoch, "step": step, "lr": lr, **epoch_meter.read()}
-                record["epoch_time_s"] = time.perf_counter() - epoch_meter.started
-                _check_finite(record)
-                if test_data is not None and (epoch % config.knn_every == 0 or epoch == config.epochs):
-                    record["knn_top1"] = _knn_monitor(method, train_data, test_data, config, device)
-                if log is not None:
-                    log.write(record)
-                progress.report(record)
-                if finished_epoch and (epoch % config.checkpoint_every == 0 or epoch == config.epochs) and current.is_main:
-                    state = {
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "step": step,
-                        "rng": _rng_state(),
-                        "schedule": {"total_steps": total_steps, "warmup_steps": warmup_steps},
-                    }
-                    save_checkpoint(run_dir, method, meta_now(epoch), state, keep=config.keep_checkpoints)
-                    _drop_replaced(run_dir)
-        if current.is_main:
-            save_model(run_dir / "model", method, meta_now(epoch))
-            _drop_replaced(run_dir)
-        # No rank returns before the model is on disk: callers (the study) read it next.
-        barrier()
-    return run_dir
 
 
 def synchronise_batchnorm(method: Any, device: torch.device) -> None:

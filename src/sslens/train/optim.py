@@ -14,9 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from sslens.registry import Registry
-
-OPTIMIZERS = Registry("optimizer")
+from sslens.registry import lookup
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
@@ -148,26 +146,31 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-@OPTIMIZERS.register("sgd")
 def _sgd(groups: list[dict], *, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused or None)
 
 
-@OPTIMIZERS.register("lars")
 def _lars(groups: list[dict], *, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
     # Already multi-tensor (foreach) on every device; there is no fused LARS kernel.
     return LARS(groups, lr=lr, momentum=momentum)
 
 
-@OPTIMIZERS.register("adam")
 def _adam(groups: list[dict], *, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
     # Adam's L2 penalty enters the adaptive moments (coupled decay), unlike AdamW.
     return torch.optim.Adam(groups, lr=lr, fused=fused or None)
 
 
-@OPTIMIZERS.register("adamw")
 def _adamw(groups: list[dict], *, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+#: Optimiser name → ``factory(groups, *, lr, momentum, fused)``.
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "lars": _lars,
+    "adam": _adam,
+    "adamw": _adamw,
+}
 
 
 def create_optimizer(
@@ -186,6 +189,5 @@ def create_optimizer(
     update; the training loop turns it on for CUDA). The learning rate stays a Python float
     read at every step, so changing it never recompiles or re-captures anything.
     """
-    return OPTIMIZERS.create(
-        name, parameter_groups(module, weight_decay), lr=lr, momentum=momentum, fused=fused
-    )
+    factory = lookup("optimizer", OPTIMIZERS, name)
+    return factory(parameter_groups(module, weight_decay), lr=lr, momentum=momentum, fused=fused)

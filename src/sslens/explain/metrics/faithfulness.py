@@ -12,9 +12,10 @@ Where we differ from the paper, to fit representations rather than classifiers:
   perturbed image and the embedding of the original image (1 at the start of deletion).
 * Pixels are removed in ``steps`` equal chunks (``floor(k * H * W / steps)`` pixels after step
   k), all colour channels of a pixel together.
-* "Removed" means replaced by a baseline image: ``"zero"`` (0 in normalised space, i.e. the
-  dataset's mean colour) or ``"blur"`` (a Gaussian blur of the image, as RISE uses for insertion).
-  Insertion starts from the same baseline and reveals the original pixels.
+* "Removed" means replaced by a baseline image (:mod:`sslens.explain.baselines`, the same table
+  RELAX masks with): ``"zero"`` (0 in normalised space, i.e. the dataset's mean colour),
+  ``"blur"`` (a Gaussian blur of the image, as RISE uses for insertion) or ``"mean"`` (the
+  image's mean colour). Insertion starts from the same baseline and reveals the original pixels.
 * Pixels with equal importance are taken in raster order (a stable sort), so a result never
   depends on the sort implementation.
 * The same curves with a seeded random pixel order, averaged over ``random_repeats`` orders, are
@@ -33,36 +34,15 @@ The AUC is the trapezoid rule on x = fraction of pixels removed (or inserted), x
 
 from __future__ import annotations
 
-import math
-
-import kornia.filters
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslens.checks import positive_int
 from sslens.explain.base import preserved_state
-from sslens.registry import Registry
-
-DELETION_BASELINES = Registry("deletion baseline")
+from sslens.explain.baselines import check_baseline, make_baseline
 
 CURVES = ("deletion", "insertion", "random_deletion", "random_insertion")
-
-
-@DELETION_BASELINES.register("zero")
-def zero_baseline(images: torch.Tensor, blur_sigma: float) -> torch.Tensor:
-    """(B, 3, H, W) → zeros: in normalised space, the dataset's mean colour."""
-    return torch.zeros_like(images)
-
-
-@DELETION_BASELINES.register("blur")
-def blur_baseline(images: torch.Tensor, blur_sigma: float) -> torch.Tensor:
-    """(B, 3, H, W) → Gaussian blur with standard deviation ``blur_sigma`` pixels.
-
-    The kernel spans ±3σ, capped so the reflect padding stays smaller than the image.
-    """
-    height, width = images.shape[-2:]
-    size = min(2 * math.ceil(3 * blur_sigma) + 1, 2 * min(height, width) - 1)
-    return kornia.filters.gaussian_blur2d(images, (size, size), (blur_sigma, blur_sigma), border_type="reflect")
 
 
 def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
@@ -126,6 +106,7 @@ def deletion_insertion(
     steps: int = 20,
     baseline: str = "zero",
     blur_sigma: float = 5.0,
+    blur_padding: str = "replicate",
     seed: int = 0,
     random_repeats: int = 1,
     batch_size: int = 256,
@@ -138,8 +119,9 @@ def deletion_insertion(
         images: (B, 3, H, W) normalised images.
         maps: (B, H, W) importance at input resolution (higher = more important).
         steps: number of equal chunks in which pixels are removed/inserted.
-        baseline: a name in :data:`DELETION_BASELINES` ("zero" or "blur").
+        baseline: a name in :data:`~sslens.explain.baselines.BASELINES` ("zero", "blur", "mean").
         blur_sigma: standard deviation in pixels of the "blur" baseline.
+        blur_padding: its padding, "replicate" (any σ on any image size) or "reflect".
         seed: seeds the random pixel orders (a CPU ``torch.Generator``, so every device draws
             the same orders).
         random_repeats: how many random orders to average for the chance curves.
@@ -164,11 +146,8 @@ def deletion_insertion(
             "maps to the image size first."
         )
     for name, value in (("steps", steps), ("random_repeats", random_repeats), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if blur_sigma <= 0:
-        raise ValueError(f"blur_sigma must be positive; got {blur_sigma!r}")
-    make_baseline = DELETION_BASELINES.get(baseline)
+        positive_int(name, value)
+    check_baseline(baseline, blur_sigma)
 
     num_images, num_pixels = images.shape[0], images.shape[2] * images.shape[3]
     device = images.device
@@ -178,7 +157,7 @@ def deletion_insertion(
     with preserved_state(encoder), torch.no_grad():
         # Eval mode: batch-norm statistics must not mix the perturbed images of one batch.
         encoder.eval()
-        baseline_images = make_baseline(images, blur_sigma)
+        baseline_images = make_baseline(baseline, images, blur_sigma=blur_sigma, padding=blur_padding)
         reference = encoder(images).flatten(1)
         run = lambda ranks: _similarity_curves(  # noqa: E731
             encoder, images, baseline_images, reference, ranks, counts, batch_size
@@ -202,6 +181,7 @@ def deletion_insertion(
             "steps": steps,
             "baseline": baseline,
             "blur_sigma": blur_sigma,
+            "blur_padding": blur_padding,
             "seed": seed,
             "random_repeats": random_repeats,
             "tie_break": "raster order (stable sort)",

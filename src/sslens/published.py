@@ -3,9 +3,10 @@
 :func:`import_checkpoint` reads a checkpoint file with ``torch.load(weights_only=True)`` (or
 safetensors; never unpickling code), recognises its layout with the converter registered for its
 format in :data:`CHECKPOINT_FORMATS`, and writes an sslens model directory (``model.safetensors``
-+ ``meta.json``, :func:`sslens.train.checkpoint.save_model`) that ``load_model`` rebuilds as an
-:class:`ImportedMethod`: the backbone, and where the file has them the projection head and the
-SwAV prototypes, so the "pooled", "projection" and "prototypes" outputs can all be explained.
++ ``meta.json``, :func:`sslens.store.save_model`) that ``load_model`` rebuilds as an
+:class:`~sslens.methods.imported.ImportedMethod`: the backbone, and where the file has them
+the projection head and the SwAV prototypes, so the "pooled", "projection" and "prototypes"
+outputs can all be explained.
 
 Formats (see docs/MODELS.md for the commands and what each keeps):
 
@@ -30,7 +31,6 @@ PosixPath('models/moco-v2')
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -41,18 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
+from sslens.data.cache import user_cache_dir
 from sslens.errors import UserError
-from sslens.methods.base import METHODS, SSLMethod, StepOutput
+from sslens.hashing import file_sha256, json_sha256
+from sslens.methods.imported import head_spec
 from sslens.models.base import Backbone
 from sslens.models.resnet import ResNet, load_torchvision_state_dict
 from sslens.models.timm_backbone import TimmBackbone
-from sslens.registry import Registry
-
-CHECKPOINT_FORMATS = Registry("checkpoint format")
+from sslens.registry import lookup
+from sslens.store import META_FILE, MODEL_FILE, build_method, provenance, save_model
 
 #: ImageNet evaluation preprocessing of the torchvision reference scripts: shorter side 256,
 #: centre crop 224 (crop_pct = 224 / 256), bilinear resize, ImageNet mean/std.
@@ -98,92 +98,6 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
         "SwAV ResNet-50, 800 epochs, multi-crop (facebookresearch/swav)",
     ),
 }
-
-#: Head layer kind → module factory; a head is described in meta as a list of
-#: ``[kind, *args]`` so :class:`ImportedMethod` can rebuild it from JSON.
-HEAD_LAYERS: dict[str, Callable[..., nn.Module]] = {
-    "linear": lambda in_dim, out_dim, bias: nn.Linear(in_dim, out_dim, bias=bias),
-    "batchnorm": lambda dim: nn.BatchNorm1d(dim),
-    "relu": lambda: nn.ReLU(),
-}
-
-
-@METHODS.register("imported")
-class ImportedMethod(SSLMethod):
-    """A published encoder: backbone, optional projection head, optional SwAV prototypes.
-
-    Args:
-        backbone: the encoder (its pooled output is the representation).
-        head: the projection head as ``[[kind, *args], ...]`` with kinds from
-            :data:`HEAD_LAYERS`, e.g. MoCo v2's ``[["linear", 2048, 2048, True], ["relu"],
-            ["linear", 2048, 128, True]]``; None = no head.
-        num_prototypes: K of SwAV's prototypes (a bias-free Linear out_dim → K); 0 = none.
-
-    Outputs for explainers (:meth:`encoder`): "pooled" (B, feature_dim), "projection"
-    (B, out_dim), "prototypes" (B, K): scores of the L2-normalised projection against the
-    prototypes, as SwAV computes them. It cannot be trained: :meth:`training_step` raises.
-    """
-
-    def __init__(self, backbone: Backbone, head: list | None = None, num_prototypes: int = 0):
-        super().__init__(backbone)
-        if isinstance(num_prototypes, bool) or not isinstance(num_prototypes, int) or num_prototypes < 0:
-            raise ValueError(f"num_prototypes must be an int >= 0 (0 = none); got {num_prototypes!r}")
-        self.projector = _build_head(head) if head else None
-        out_dim = _head_out_dim(head) if head else backbone.feature_dim
-        self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False) if num_prototypes else None
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) → (B, out_dim) projection-head output."""
-        return self._projector()(self.backbone(x))
-
-    def _projector(self) -> nn.Module:
-        if self.projector is None:
-            raise ValueError(
-                "This imported model has no projection head (its checkpoint held none); "
-                "use output 'pooled'."
-            )
-        return self.projector
-
-    def training_step(self, views: list[torch.Tensor]) -> StepOutput:
-        raise UserError(
-            "This model was imported from a published checkpoint; sslens does not train imported "
-            "models (their loss state, e.g. MoCo's queue, is not kept). Explain or evaluate it, or "
-            "train a new model with `sslens train`."
-        )
-
-    def encoder(self, output: str = "pooled") -> nn.Module:
-        """images (B, 3, H, W) → (B, D) for ``output`` "pooled", "projection" or "prototypes"."""
-        if output == "prototypes":
-            if self.prototypes is None:
-                raise ValueError("This imported model has no prototypes; use output 'pooled' or 'projection'.")
-            return nn.Sequential(self.backbone, self.projector or nn.Identity(), _L2Normalize(), self.prototypes)
-        if output == "projection":
-            return nn.Sequential(self.backbone, self._projector())
-        if output == "pooled":
-            return self.backbone
-        raise ValueError(f"output must be 'pooled', 'projection' or 'prototypes'; got {output!r}")
-
-
-class _L2Normalize(nn.Module):
-    """(B, D) → (B, D) unit rows, as SwAV normalises projections before the prototypes."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1)
-
-
-def _build_head(spec: list) -> nn.Sequential:
-    layers = []
-    for entry in spec:
-        if not isinstance(entry, list | tuple) or not entry or entry[0] not in HEAD_LAYERS:
-            raise ValueError(
-                f"Each head layer must be [kind, *args] with kind in {', '.join(HEAD_LAYERS)}; got {entry!r}"
-            )
-        layers.append(HEAD_LAYERS[entry[0]](*entry[1:]))
-    return nn.Sequential(*layers)
-
-
-def _head_out_dim(spec: list) -> int:
-    return next(int(entry[2]) for entry in reversed(spec) if entry[0] == "linear")
 
 
 @dataclass
@@ -233,7 +147,7 @@ def _layout_error(format_name: str, state: Mapping[str, Any], expected: str) -> 
     sample = ", ".join(keys[:12]) + (f", ... ({len(keys)} keys)" if len(keys) > 12 else "")
     return UserError(
         f"This is not a {format_name!r} checkpoint in a layout sslens knows: expected {expected}. "
-        f"Keys found: {sample}. Known formats: {', '.join(CHECKPOINT_FORMATS.names())} "
+        f"Keys found: {sample}. Known formats: {', '.join(sorted(CHECKPOINT_FORMATS))} "
         "(docs/MODELS.md describes each layout); pass the format that produced the file."
     )
 
@@ -244,7 +158,6 @@ def _take(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
     return {key[len(prefix) :]: state.pop(key) for key in keys}
 
 
-@CHECKPOINT_FORMATS.register("moco")
 def convert_moco(checkpoint: Any) -> Converted:
     """facebookresearch/moco ``main_moco.py`` checkpoints (https://github.com/facebookresearch/moco).
 
@@ -275,7 +188,6 @@ def convert_moco(checkpoint: Any) -> Converted:
     return Converted(layout, query, head=head, dropped=dropped)
 
 
-@CHECKPOINT_FORMATS.register("swav")
 def convert_swav(checkpoint: Any) -> Converted:
     """facebookresearch/swav ``src/resnet50.py`` checkpoints (https://github.com/facebookresearch/swav).
 
@@ -322,7 +234,6 @@ SIMCLR_LAYOUTS = (
 )
 
 
-@CHECKPOINT_FORMATS.register("simclr")
 def convert_simclr(checkpoint: Any) -> Converted:
     """SimCLR v1/v2 (https://github.com/google-research/simclr) converted from TensorFlow.
 
@@ -364,7 +275,6 @@ def convert_simclr(checkpoint: Any) -> Converted:
     raise _layout_error("simclr", state, f"one of: {'; '.join(SIMCLR_LAYOUTS)}")
 
 
-@CHECKPOINT_FORMATS.register("torchvision")
 def convert_torchvision(checkpoint: Any) -> Converted:
     """A torchvision ``resnet18/34/50`` state dict (bare or under ``state_dict``); ``fc`` dropped."""
     state = _unwrap(checkpoint, "state_dict")
@@ -373,11 +283,20 @@ def convert_torchvision(checkpoint: Any) -> Converted:
     return Converted("torchvision ResNet", state)
 
 
-@CHECKPOINT_FORMATS.register("timm")
 def convert_timm(checkpoint: Any) -> Converted:
     """A timm model's weights (bare, or under ``state_dict``/``model`` as timm's train script and
     others save them); the classifier is dropped when loading."""
     return Converted("timm", _unwrap(checkpoint, "state_dict", "model"))
+
+
+#: Format name (``--format``) → the converter of its layout.
+CHECKPOINT_FORMATS: dict[str, Converter] = {
+    "moco": convert_moco,
+    "swav": convert_swav,
+    "simclr": convert_simclr,
+    "torchvision": convert_torchvision,
+    "timm": convert_timm,
+}
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
@@ -407,15 +326,6 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise UserError(f"Cannot load {path} with torch.load: {error}. Is it a complete PyTorch checkpoint?") from error
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (checkpoints are hundreds of MiB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -451,30 +361,6 @@ def _check_resnet(backbone: Backbone, format_name: str, arch: str) -> None:
             f"--arch {arch} is not an ImageNet ResNet; {format_name} checkpoints need resnet18, resnet34 "
             "or resnet50. For other architectures use --format timm with --timm-name."
         )
-
-
-def _head_spec(head: Mapping[str, torch.Tensor]) -> list[list]:
-    """``[kind, *args]`` per index of an ``nn.Sequential``-keyed head state dict.
-
-    Linear = a 2-D ``weight``; BatchNorm1d = ``running_mean``; an index without parameters is a
-    ReLU, as in every published head sslens reads (MoCo v2, SwAV, SimCLRv2).
-    """
-    indices = {int(key.split(".", 1)[0]) for key in head if key.split(".", 1)[0].isdigit()}
-    if len(indices) != len({key.split(".", 1)[0] for key in head}):
-        raise UserError(f"Cannot read the projection head: keys {', '.join(sorted(head))} are not index.param.")
-    spec: list[list] = []
-    for index in range(max(indices) + 1):
-        weight = head.get(f"{index}.weight")
-        if f"{index}.running_mean" in head:
-            spec.append(["batchnorm", int(head[f"{index}.running_mean"].shape[0])])
-        elif weight is not None and weight.ndim == 2:
-            spec.append(["linear", int(weight.shape[1]), int(weight.shape[0]), f"{index}.bias" in head])
-        elif index not in indices:
-            spec.append(["relu"])
-        else:
-            params = sorted(key for key in head if key.startswith(f"{index}."))
-            raise UserError(f"Cannot read projection-head layer {index} ({', '.join(params)}): not a Linear or BatchNorm1d.")
-    return spec
 
 
 def _load_backbone(backbone: Backbone, weights: Mapping[str, torch.Tensor]) -> list[str]:
@@ -538,8 +424,6 @@ def import_checkpoint(
     ``dropped`` (reason → source keys). Any key that is neither kept nor dropped for a stated
     reason, and any missing or misshapen key, is a UserError listing them.
     """
-    from sslens.train.checkpoint import build_method, provenance, save_model
-
     converter = _format(format)
     if (format == "timm") != (timm_name is not None):
         raise UserError("--timm-name names the model of a --format timm file; pass it with --format timm only.")
@@ -554,7 +438,7 @@ def import_checkpoint(
         source = download_checkpoint(source.name, cache_dir)
 
     converted = converter(load_checkpoint_file(source))
-    head = _head_spec(converted.head) if converted.head else None
+    head = head_spec(converted.head) if converted.head else None
     num_prototypes = 0 if converted.prototypes is None else int(converted.prototypes.shape[0])
     meta: dict[str, Any] = {
         "method": "imported",
@@ -586,7 +470,7 @@ def import_checkpoint(
         source_format=format,
         source_layout=converted.layout,
         source_file=str(source.resolve()),
-        source_sha256=sha256_file(source),
+        source_sha256=file_sha256(source),
         arch=timm_name if format == "timm" else arch,
         kept=kept,
         dropped={reason: sorted(keys) for reason, keys in dropped.items() if keys},
@@ -597,7 +481,7 @@ def import_checkpoint(
 
 def _format(name: str) -> Converter:
     try:
-        return CHECKPOINT_FORMATS.get(name)
+        return lookup("checkpoint format", CHECKPOINT_FORMATS, name)
     except ValueError as error:
         raise UserError(f"--format: {error}") from error
 
@@ -614,7 +498,7 @@ def _load_part(module: nn.Module | None, weights: Mapping[str, torch.Tensor], wh
 def import_summary(model_dir: str | os.PathLike) -> str:
     """A few lines for the CLI about the model directory ``model_dir`` that
     :func:`import_checkpoint` wrote: what came from where, what was kept and what dropped."""
-    meta = json.loads((Path(model_dir) / "meta.json").read_text())
+    meta = json.loads((Path(model_dir) / META_FILE).read_text())
     lines = [
         f"Imported {meta['source_layout']} ({meta['source_format']}, {meta['arch']}) from {meta['source_file']}",
         f"  sha256 {meta['source_sha256']}",
@@ -638,12 +522,13 @@ def import_cached(
 
     Lets ``sslens explain CHECKPOINT --format moco`` and a study's ``{checkpoint: ..., format:
     moco}`` take the authors' file directly. The directory lives under ``cache_dir`` (default
-    ``~/.cache/sslens/imported``), keyed by the file's SHA-256 and the import options, so a
-    changed file is imported again and an unchanged one is not.
+    ``$XDG_CACHE_HOME/sslens/imported`` or ``~/.cache/sslens/imported``), keyed by the file's
+    SHA-256 and the import options, so a changed file is imported again and an unchanged one is
+    not.
     """
-    key = hashlib.sha256(json.dumps([sha256_file(path), format, arch, timm_name]).encode()).hexdigest()[:16]
-    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "sslens" / "imported"
+    key = json_sha256([file_sha256(path), format, arch, timm_name])[:16]
+    root = Path(cache_dir) if cache_dir is not None else user_cache_dir() / "imported"
     out_dir = root / f"{format}-{key}"
-    if (out_dir / "model.safetensors").is_file() and (out_dir / "meta.json").is_file():
+    if (out_dir / MODEL_FILE).is_file() and (out_dir / META_FILE).is_file():
         return out_dir
     return import_checkpoint(path, format, out_dir, arch=arch, timm_name=timm_name, overwrite=True)

@@ -1,4 +1,4 @@
-"""Crash-safe model files and training checkpoints.
+"""The model store: model directories, training checkpoints and the layout of a run directory.
 
 A *model directory* holds ``model.safetensors`` (``method.state_dict()``: backbone, heads and
 buffers such as MoCo's queue) and ``meta.json`` (everything needed to rebuild the method:
@@ -6,18 +6,25 @@ names, options, image size, normalisation, class names, provenance). A *checkpoi
 directory plus ``state.pt``: optimizer state, step, epoch and RNG states, saved with plain
 tensors/dicts/lists/numbers/strings only, so it loads with ``torch.load(..., weights_only=True)``.
 
-Layout of a run directory::
+A run directory is a :class:`RunDir`, the one place that knows its layout::
 
     RUN/config.yaml              resolved training config
     RUN/log.jsonl                one JSON record per log interval and per epoch
     RUN/checkpoints/epoch-0003/  model.safetensors, meta.json, state.pt
     RUN/checkpoints/latest       text file naming the newest complete checkpoint
     RUN/model/                   the final model (model.safetensors, meta.json)
+    RUN/evaluation.json          the latest ``sslens evaluate`` result
+    RUN/features/                features cached by ``sslens evaluate``
 
 Atomicity: every directory is written completely under a temporary name beside its target
 (each file flushed and fsynced) and then renamed into place; the ``latest`` pointer is replaced
 atomically only after that; old checkpoints are pruned only after the pointer moved. A process
 killed at any moment therefore leaves the previous checkpoint loadable.
+
+Loading a model needs the methods and backbones only, never the trainer:
+
+>>> method, meta = load_model("runs/simclr-synthetic")  # doctest: +SKIP
+>>> method.embed(images).shape  # (B, feature_dim)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -39,8 +46,6 @@ from sslens.errors import UserError
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 STATE_FILE = "state.pt"
-LATEST_FILE = "latest"
-CHECKPOINT_PREFIX = "epoch-"
 
 #: Test hook: seconds to sleep after each file a directory writer writes, so a test can kill
 #: the process in the middle of writing a checkpoint. Read only by :func:`_write_directory`.
@@ -73,6 +78,154 @@ def provenance() -> dict[str, str]:
         "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+class RunDir:
+    """A training run's folder: where each of its files lives, and what they say.
+
+    >>> run = RunDir("runs/simclr")
+    >>> run.checkpoint_dir(3).as_posix()
+    'runs/simclr/checkpoints/epoch-0003'
+    """
+
+    CONFIG = "config.yaml"
+    LOG = "log.jsonl"
+    CHECKPOINTS = "checkpoints"
+    LATEST = "latest"
+    MODEL = "model"
+    EVALUATION = "evaluation.json"
+    FEATURES = "features"
+    CHECKPOINT_PREFIX = "epoch-"
+    #: Entries that mark a folder as holding a run.
+    MARKERS = (CONFIG, LOG, CHECKPOINTS, MODEL)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / self.LOG
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def latest_file(self) -> Path:
+        return self.checkpoints_dir / self.LATEST
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def evaluation_file(self) -> Path:
+        return self.path / self.EVALUATION
+
+    @property
+    def features_dir(self) -> Path:
+        return self.path / self.FEATURES
+
+    def checkpoint_dir(self, epoch: int) -> Path:
+        """Where the checkpoint written at the end of ``epoch`` lives."""
+        return self.checkpoints_dir / f"{self.CHECKPOINT_PREFIX}{int(epoch):04d}"
+
+    def markers(self) -> list[str]:
+        """The run files present (config, log, checkpoints, model), sorted."""
+        return sorted(name for name in self.MARKERS if (self.path / name).exists())
+
+    def is_finished(self) -> bool:
+        """Whether training wrote its final model."""
+        return (self.model_dir / MODEL_FILE).is_file()
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint directories, oldest first (by epoch number, not by name:
+        epoch-10000 sorts before epoch-9999 as text)."""
+        root = self.checkpoints_dir
+        if not root.is_dir():
+            return []
+        prefix = self.CHECKPOINT_PREFIX
+        found = [p for p in root.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+        return sorted((p for p in found if _is_complete(p)), key=lambda p: int(p.name[len(prefix):]))
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (by the ``latest`` pointer), or None."""
+        if self.latest_file.is_file():
+            candidate = self.checkpoints_dir / self.latest_file.read_text().strip()
+            if _is_complete(candidate):
+                return candidate
+        complete = self.checkpoints()
+        return complete[-1] if complete else None
+
+    def weights_meta(self) -> dict | None:
+        """The ``meta.json`` of the final model, else of the latest checkpoint; None without weights."""
+        for directory in (self.model_dir, self.latest_checkpoint()):
+            if directory is not None and (directory / META_FILE).is_file():
+                return json.loads((directory / META_FILE).read_text())
+        return None
+
+    def read_config(self) -> dict | None:
+        """The run's ``config.yaml`` as a mapping, or None when there is none."""
+        import yaml
+
+        if not self.config_file.is_file():
+            return None
+        return yaml.safe_load(self.config_file.read_text()) or {}
+
+    def read_log(self) -> list[dict]:
+        """The records of ``log.jsonl``, in order.
+
+        Every record ends with a newline, so text after the last one is a record torn by a kill
+        mid-write; it cannot be read back and is left out.
+        """
+        if not self.log_file.is_file():
+            return []
+        complete = self.log_file.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def training_seconds(self) -> float | None:
+        """Sum of the epoch times in the log (a resumed run's epochs counted once each)."""
+        epochs = {r["epoch"]: r["epoch_time_s"] for r in self.read_log() if r.get("kind") == "epoch" and "epoch_time_s" in r}
+        return float(sum(epochs.values())) if epochs else None
+
+    def save_checkpoint(self, method: torch.nn.Module, meta: dict, state: dict[str, Any], *, keep: int) -> Path:
+        """Write ``checkpoints/epoch-NNNN`` (NNNN = ``meta["epoch"]``), move ``latest``, prune.
+
+        ``state`` is the training state (optimizer state dict, counters, RNG states); it must
+        hold only tensors, dicts, lists, tuples, numbers, strings, bools and None. The newest
+        ``keep`` checkpoints are kept.
+        """
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 so the newest checkpoint survives; got {keep}")
+        target = self.checkpoint_dir(meta["epoch"])
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_directory(
+            target, {MODEL_FILE: _weights_bytes(method), META_FILE: _meta_bytes(meta), STATE_FILE: buffer.getvalue()}
+        )
+        atomic_write_bytes(self.latest_file, f"{target.name}\n".encode())
+        self._prune(keep=keep, protect=target.name)
+        return target
+
+    def save_model(self, method: torch.nn.Module, meta: dict) -> Path:
+        """Write the final model into ``model/`` (see :func:`save_model`)."""
+        return save_model(self.model_dir, method, meta)
+
+    def _prune(self, *, keep: int, protect: str) -> None:
+        for path in self.checkpoints()[:-keep]:
+            if path.name != protect:
+                shutil.rmtree(path)
+        # Leftovers of writers that were killed mid-write: never renamed, so never loadable.
+        for path in self.checkpoints_dir.iterdir():
+            if path.name.startswith(f".{self.CHECKPOINT_PREFIX}") and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_directory(target: Path, files: dict[str, bytes]) -> None:
@@ -116,9 +269,13 @@ def _meta_bytes(meta: dict) -> bytes:
     if missing:
         raise ValueError(
             f"Model meta is missing {', '.join(missing)}; a model directory must record "
-            f"{', '.join(REQUIRED_META_KEYS)} (see sslens.train.checkpoint.provenance for the last three)."
+            f"{', '.join(REQUIRED_META_KEYS)} (see sslens.store.provenance for the last three)."
         )
     return json.dumps(meta, indent=2, sort_keys=True).encode()
+
+
+def _is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in (MODEL_FILE, META_FILE, STATE_FILE))
 
 
 def save_model(directory: str | os.PathLike, method: torch.nn.Module, meta: dict) -> Path:
@@ -129,74 +286,6 @@ def save_model(directory: str | os.PathLike, method: torch.nn.Module, meta: dict
     directory = Path(directory)
     _write_directory(directory, {MODEL_FILE: _weights_bytes(method), META_FILE: _meta_bytes(meta)})
     return directory
-
-
-def save_checkpoint(
-    run_dir: str | os.PathLike,
-    method: torch.nn.Module,
-    meta: dict,
-    state: dict[str, Any],
-    *,
-    keep: int,
-) -> Path:
-    """Write ``checkpoints/epoch-NNNN`` (NNNN = ``meta["epoch"]``), move ``latest``, prune.
-
-    ``state`` is the training state (optimizer state dict, counters, RNG states); it must hold
-    only tensors, dicts, lists, tuples, numbers, strings, bools and None. The newest ``keep``
-    checkpoints are kept.
-    """
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1 so the newest checkpoint survives; got {keep}")
-    root = Path(run_dir) / "checkpoints"
-    name = f"{CHECKPOINT_PREFIX}{int(meta['epoch']):04d}"
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    _write_directory(
-        root / name,
-        {MODEL_FILE: _weights_bytes(method), META_FILE: _meta_bytes(meta), STATE_FILE: buffer.getvalue()},
-    )
-    atomic_write_bytes(root / LATEST_FILE, f"{name}\n".encode())
-    _prune(root, keep=keep, protect=name)
-    return root / name
-
-
-def _is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in (MODEL_FILE, META_FILE, STATE_FILE))
-
-
-def _checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoint directories under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [
-        path
-        for path in root.iterdir()
-        if path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    # By number: the names are zero-padded to four digits, so epoch-10000 sorts before epoch-9999 as text.
-    return sorted((path for path in found if _is_complete(path)), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def _prune(root: Path, *, keep: int, protect: str) -> None:
-    for path in _checkpoint_dirs(root)[:-keep]:
-        if path.name != protect:
-            shutil.rmtree(path)
-    # Leftovers of writers that were killed mid-write: never renamed, so never loadable.
-    for path in root.iterdir():
-        if path.name.startswith(f".{CHECKPOINT_PREFIX}") and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of ``run_dir`` (by the ``latest`` pointer), or None."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / LATEST_FILE
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if _is_complete(candidate):
-            return candidate
-    complete = _checkpoint_dirs(root)
-    return complete[-1] if complete else None
 
 
 def load_training_state(checkpoint_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -233,14 +322,14 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
         candidate = path
     elif (path / MODEL_FILE).is_file():
         candidate = path / MODEL_FILE
-    elif (path / "model" / MODEL_FILE).is_file():
-        candidate = path / "model" / MODEL_FILE
+    elif (RunDir(path).model_dir / MODEL_FILE).is_file():
+        candidate = RunDir(path).model_dir / MODEL_FILE
     else:
-        checkpoint = latest_checkpoint(path)
+        checkpoint = RunDir(path).latest_checkpoint()
         if checkpoint is None:
             raise UserError(
-                f"{path} holds no sslens model: expected {MODEL_FILE}, model/{MODEL_FILE} or a "
-                f"checkpoint under checkpoints/. Train one with `sslens train --out {path}`."
+                f"{path} holds no sslens model: expected {MODEL_FILE}, {RunDir.MODEL}/{MODEL_FILE} or a "
+                f"checkpoint under {RunDir.CHECKPOINTS}/. Train one with `sslens train --out {path}`."
             )
         candidate = checkpoint / MODEL_FILE
     if not (candidate.parent / META_FILE).is_file():
@@ -269,9 +358,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     ``path`` is a run directory (its final model, or its latest checkpoint while training has
     not finished), a model or checkpoint directory, or a ``.safetensors`` file beside its
     ``meta.json``.
-
-    >>> method, meta = load_model("runs/simclr-synthetic")  # doctest: +SKIP
-    >>> method.embed(images).shape  # (B, feature_dim)  # doctest: +SKIP
     """
     from safetensors.torch import load_file
 

@@ -36,9 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from sslens.registry import Registry
-
-LOCALIZATION_METRICS = Registry("localization metric")
+from sslens.registry import lookup
 
 
 def _check(maps: torch.Tensor, masks: torch.Tensor) -> None:
@@ -61,7 +59,6 @@ def _check(maps: torch.Tensor, masks: torch.Tensor) -> None:
         )
 
 
-@LOCALIZATION_METRICS.register("pointing_game")
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: float = 0.0) -> torch.Tensor:
     """(N,) 1.0 where the map's maximum lies within ``tolerance`` pixels of the mask, else 0.0."""
     _check(maps, masks)
@@ -76,7 +73,6 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: float =
     return (near & masks).flatten(1).any(1).float()
 
 
-@LOCALIZATION_METRICS.register("relevance_mass")
 def relevance_mass(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """(N,) share of positive relevance inside the mask; NaN for a map with no positive relevance."""
     _check(maps, masks)
@@ -86,7 +82,6 @@ def relevance_mass(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, inside / total, torch.full_like(total, float("nan"))).float()
 
 
-@LOCALIZATION_METRICS.register("relevance_rank")
 def relevance_rank(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """(N,) fraction of the K most relevant pixels inside the mask, K = the mask's pixel count."""
     _check(maps, masks)
@@ -95,6 +90,14 @@ def relevance_rank(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     sizes = masks.flatten(1).sum(1)
     within_top_k = torch.arange(order.shape[1], device=maps.device) < sizes.unsqueeze(1)
     return (inside_sorted & within_top_k).sum(1).float() / sizes.float()
+
+
+#: Metric name → ``metric(maps, masks, **options) -> (N,) scores``.
+LOCALIZATION_METRICS = {
+    "pointing_game": pointing_game,
+    "relevance_mass": relevance_mass,
+    "relevance_rank": relevance_rank,
+}
 
 
 def localization_scores(
@@ -116,7 +119,7 @@ def localization_scores(
     unused = sorted(set(options) - set(metrics))
     if unused:
         raise ValueError(f"options given for metrics that are not run: {unused}; add them to metrics.")
-    functions = {name: LOCALIZATION_METRICS.get(name) for name in metrics}
+    functions = {name: lookup("localization metric", LOCALIZATION_METRICS, name) for name in metrics}
     results = {}
     with torch.no_grad():
         for name, function in functions.items():

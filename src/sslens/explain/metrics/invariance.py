@@ -43,12 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
-from sslens.registry import Registry
-
-INVARIANCE_AUGMENTATIONS = Registry("invariance augmentation")
-
-# ITU-R BT.601 luma weights, the ones PIL and torchvision use for RGB → L.
-LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
+from sslens.data.pixels import grayscale
+from sslens.registry import lookup
 
 ExplainFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -152,41 +148,49 @@ class Rotation(InvertibleAugmentation):
 class Grayscale(InvertibleAugmentation):
     """Replace colour by luminance in pixel space; geometry is untouched, so the inverse is identity.
 
-    The images are denormalised with ``mean``/``std``, turned to gray with the luminance weights
-    0.299/0.587/0.114 (repeated over the three channels), and normalised again.
+    The images are denormalised with ``mean``/``std``, turned to gray with the one luma of
+    :func:`sslens.data.pixels.grayscale` (repeated over the three channels), and normalised again.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean, self.std = tuple(mean), tuple(std)
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = denormalize(images, self.mean, self.std)
-        weights = torch.tensor(LUMINANCE_WEIGHTS, dtype=images.dtype, device=images.device)
-        gray = torch.einsum("bchw,c->bhw", pixels, weights).unsqueeze(1).expand_as(pixels)
-        return normalize(gray, self.mean, self.std)
+        return normalize(grayscale(denormalize(images, self.mean, self.std)), self.mean, self.std)
 
     def invert_map(self, maps: torch.Tensor) -> torch.Tensor:
         return maps
 
 
-@INVARIANCE_AUGMENTATIONS.register("hflip")
 def _hflip(mean: Sequence[float], std: Sequence[float]) -> InvertibleAugmentation:
     return Flip(dim=-1)
 
 
-@INVARIANCE_AUGMENTATIONS.register("vflip")
 def _vflip(mean: Sequence[float], std: Sequence[float]) -> InvertibleAugmentation:
     return Flip(dim=-2)
 
 
-@INVARIANCE_AUGMENTATIONS.register("rot15")
 def _rot15(mean: Sequence[float], std: Sequence[float]) -> InvertibleAugmentation:
     return Rotation(15.0)
 
 
-@INVARIANCE_AUGMENTATIONS.register("grayscale")
 def _grayscale(mean: Sequence[float], std: Sequence[float]) -> InvertibleAugmentation:
     return Grayscale(mean, std)
+
+
+#: Augmentation name → ``factory(mean, std) -> InvertibleAugmentation``.
+INVARIANCE_AUGMENTATIONS: dict[str, Callable[[Sequence[float], Sequence[float]], InvertibleAugmentation]] = {
+    "hflip": _hflip,
+    "vflip": _vflip,
+    "rot15": _rot15,
+    "grayscale": _grayscale,
+}
+
+
+def invariance_augmentation(name: str, mean: Sequence[float], std: Sequence[float]) -> InvertibleAugmentation:
+    """The augmentation ``name`` of :data:`INVARIANCE_AUGMENTATIONS`, for images normalised with
+    ``mean``/``std``."""
+    return lookup("invariance augmentation", INVARIANCE_AUGMENTATIONS, name)(mean, std)
 
 
 def binarize_at_mean(maps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -275,7 +279,7 @@ def saliency_invariance(
     if isinstance(augmentations, str):
         raise TypeError(f"augmentations must be a sequence of names, e.g. ({augmentations!r},)")
     # Resolve every name before the (expensive) explainer runs, so a typo fails at once.
-    transforms = {name: INVARIANCE_AUGMENTATIONS.create(name, mean=mean, std=std) for name in augmentations}
+    transforms = {name: invariance_augmentation(name, mean, std) for name in augmentations}
 
     height, width = images.shape[-2:]
     original = _check_maps(explain_fn(images), images, "the original images")
