@@ -9,8 +9,7 @@ The names notebooks and scripts use are importable from here (loaded on first us
 """
 
 from sslens.lazy import lazy_exports
-
-__version__ = "0.1.0"
+from sslens.version import __version__
 
 _EXPORTS = {
     # Errors the library raises for input a user can fix.

@@ -261,14 +261,6 @@ def gather_objects(value: T) -> list[T]:
     return values
 
 
-def map_sharded(function: Any, items: Sequence[T]) -> list[Any]:
-    """``[function(item) for item in items]`` with the items split across ranks; every rank gets
-    the whole list back, in the original order. Results must be picklable (move tensors to the
-    CPU first: gloo and NCCL object collectives pickle them)."""
-    mine = [function(item) for item in shard(items)]
-    return unshard(gather_objects(mine), len(items))
-
-
 def broadcast_object(value: T) -> T:
     """Rank 0's ``value`` on every rank."""
     if not world().distributed:

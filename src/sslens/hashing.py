@@ -40,14 +40,6 @@ def hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
     digest.update(raw.numpy().tobytes())
 
 
-def tensor_sha256(*tensors: torch.Tensor) -> str:
-    """Hex SHA-256 over the dtype, shape and bytes of ``tensors`` (moved to the CPU to be read)."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        hash_tensor(digest, tensor)
-    return digest.hexdigest()
-
-
 def module_sha256(module: nn.Module) -> str:
     """Hex SHA-256 over a module's class name and every ``state_dict`` entry (name, dtype,
     shape, bytes): two modules share it when they hold the same weights and buffers."""

@@ -42,6 +42,7 @@ import torch
 
 from sslens.atomic import atomic_write_bytes, fsync_directory
 from sslens.errors import UserError
+from sslens.version import __version__
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -71,8 +72,6 @@ REQUIRED_META_KEYS = (
 
 def provenance() -> dict[str, str]:
     """The ``sslens_version``, ``torch_version`` and ``created`` (UTC ISO 8601) meta entries."""
-    from sslens import __version__
-
     return {
         "sslens_version": __version__,
         "torch_version": torch.__version__,

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from sslens.checks import positive_int
 from sslens.data.base import normalize, to_float
 from sslens.data.pixels import LUMA_WEIGHTS, gaussian_kernel, luma, separable_blur
 from sslens.registry import Registry
@@ -598,8 +599,7 @@ def create_views(name: str, *, image_size: int, mean, std, **overrides) -> ViewR
     with the list of names it does.
     """
     factory = VIEW_RECIPES.get(name)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-        raise ValueError(f"image_size must be a positive int (pixels); got {image_size!r}")
+    positive_int("image_size", image_size, "pixels")
     valid = [
         p for p in inspect.signature(factory).parameters if p not in ("image_size", "mean", "std")
     ]
@@ -675,7 +675,7 @@ def simclr_views(
     hue 0.1); we keep lightly's strength 1 by default, as an override away.
     """
     return _uniform_views(
-        "simclr", image_size, mean, std, _positive("num_views", num_views), blur_p, blur_kernel_size,
+        "simclr", image_size, mean, std, positive_int("num_views", num_views), blur_p, blur_kernel_size,
         crop_scale=crop_scale, crop_ratio=crop_ratio, flip_p=flip_p, brightness=brightness,
         contrast=contrast, saturation=saturation, hue=hue, jitter_p=jitter_p,
         grayscale_p=grayscale_p, blur_sigma=blur_sigma, solarize_p=solarize_p,
@@ -807,9 +807,3 @@ def swav_views(
 def eval_views(*, image_size: int, mean, std) -> ViewRecipe:
     """No augmentation: one view, resized to ``image_size`` only if needed, then normalised."""
     return ViewRecipe("eval", [ViewSpec(size=image_size, crop_scale=None)], mean, std)
-
-
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets import CIFAR10
 
+from sslens.checks import boolean
 from sslens.data.base import DATASETS, ImageData
 from sslens.data.cache import load_cache, save_cache, writable_dir
 from sslens.errors import DatasetError
@@ -117,8 +118,7 @@ def load_cifar10(
         )
     if split not in ("train", "test"):
         raise ValueError(f"cifar10: split must be 'train' or 'test'; got {split!r}.")
-    if not isinstance(download, bool):
-        raise TypeError(f"cifar10: download must be True or False; got {download!r}.")
+    boolean("cifar10: download", download)
     data_dir = Path(data_dir).expanduser().resolve()
 
     def stat_key() -> str | None:

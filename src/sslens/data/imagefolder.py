@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sslens.checks import fraction, is_int
 from sslens.data.base import (
     DATASETS,
     IMAGENET_MEAN,
@@ -424,13 +425,9 @@ def _estimate_bytes(listing: _Listing, image_size: int | None) -> int:
 def _check_options(
     image_size: object, test_fraction: object, seed: object, max_memory_bytes: object, num_workers: object
 ) -> None:
-    def is_int(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
     if image_size is not None and (not is_int(image_size) or image_size < 1):
         raise ValueError(f"imagefolder: image_size must be a positive int or None; got {image_size!r}.")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, int | float) or not 0 <= test_fraction <= 1:
-        raise ValueError(f"imagefolder: test_fraction must be a number in [0, 1]; got {test_fraction!r}.")
+    fraction("imagefolder: test_fraction", test_fraction)
     for name, value in (("seed", seed), ("max_memory_bytes", max_memory_bytes), ("num_workers", num_workers)):
         if not is_int(value) or value < 0:
             raise ValueError(f"imagefolder: {name} must be a non-negative int; got {value!r}.")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from sslens.checks import is_number
 from sslens.data.base import normalize
 from sslens.errors import UserError
 
@@ -131,7 +132,7 @@ def resize_center_crop(
     (top, left, bottom, right) in the resized image.
     """
     height, width = int(size[0]), int(size[1])
-    if isinstance(crop_pct, bool) or not isinstance(crop_pct, int | float) or not 0 < crop_pct <= 1:
+    if not is_number(crop_pct) or not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1] (0.875 = resize 256, crop 224); got {crop_pct!r}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interpolation!r}")

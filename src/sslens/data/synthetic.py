@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sslens.checks import fraction, is_int
 from sslens.data.base import DATASETS, ImageData
 
 ShapeTest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -445,7 +446,7 @@ def split_generator(seed: int, split: str) -> torch.Generator:
 
 
 def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"synthetic: {name} must be an int; got {value!r} ({type(value).__name__}).")
     if value < minimum:
         raise ValueError(f"synthetic: {name} must be >= {minimum}; got {value}. {hint}")
@@ -508,8 +509,7 @@ def load_synthetic(
         ("background_contrast", background_contrast),
         ("background_saturation", background_saturation),
     ):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"synthetic: {name} must be a number in [0, 1]; got {value!r}.")
+        fraction(f"synthetic: {name}", value)
 
     params = sample_params(
         num_images, split_generator(seed, split), distractors,

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslens.checks import positive_int, positive_number
+
 
 def _check_feature_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     """Both (N, D) float feature matrices, with the same D."""
@@ -87,15 +89,11 @@ def knn_predict(
         (Q, C) float32 scores on ``train_features.device``; each row sums to 1.
     """
     _check_feature_pair("train_features", train_features, "query_features", query_features)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
+    positive_int("num_classes", num_classes)
     _check_labels("train_labels", train_labels, len(train_features), num_classes)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer (200 is the usual choice); got {k!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number (0.1 is usual); got {temperature!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+    positive_int("k", k, "200 is the usual choice")
+    positive_number("temperature", temperature, "0.1 is usual")
+    positive_int("chunk_size", chunk_size)
 
     device = train_features.device
     train = F.normalize(train_features.detach().float(), dim=1)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sslens.checks import positive_int, positive_number
 from sslens.evaluate.knn import _check_feature_pair, _check_labels
 
 
@@ -177,15 +178,13 @@ def linear_probe(
             moved there once (they are small next to the images they came from).
     """
     _check_feature_pair("train_features", train_features, "test_features", test_features)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if positive_int("num_classes", num_classes) < 2:
         raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
     _check_labels("train_labels", train_labels, len(train_features), num_classes)
     _check_labels("test_labels", test_labels, len(test_features), num_classes)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a positive number; got {lr!r}")
+        positive_int(name, value)
+    positive_number("lr", lr)
     decays = tuple(weight_decays)
     if not decays or any(not isinstance(wd, (int, float)) or not wd >= 0 for wd in decays):
         raise ValueError(

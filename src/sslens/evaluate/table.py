@@ -7,13 +7,15 @@ simclr      81.2%             -
 
 from __future__ import annotations
 
+from sslens.checks import is_number
+
 _COLUMNS = (("kNN top-1", "knn_top1"), ("linear top-1", "linear_top1"))
 
 
 def _percent(model: str, key: str, value: object) -> str:
     if value is None:
         return "-"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_number(value) or not 0.0 <= value <= 1.0:
         raise ValueError(
             f"{model}: {key} must be a fraction in [0, 1] (as evaluate_encoder returns) or None; "
             f"got {value!r}"

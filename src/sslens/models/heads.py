@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sslens.checks import positive_int
+
 
 class ProjectionHead(nn.Sequential):
     """Linear-BN-ReLU-...-Linear: (B, in_dim) → (B, out_dim).
@@ -40,12 +42,8 @@ class ProjectionHead(nn.Sequential):
         last_bn: bool = False,
     ):
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ProjectionHead {name} must be a positive int; got {value!r}")
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(
-                f"ProjectionHead num_layers must be an int >= 1 (2 = one hidden layer); got {num_layers!r}"
-            )
+            positive_int(f"ProjectionHead {name}", value)
+        positive_int("ProjectionHead num_layers", num_layers, "2 = one hidden layer")
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from sslens.checks import boolean
 from sslens.models.base import BACKBONES, Backbone, state_dict_problems
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -74,8 +75,7 @@ class ResNet(Backbone):
             raise ValueError(f"widths needs four positive channel counts; got {widths}")
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {', '.join(STEMS)}; got {stem!r}")
-        if not isinstance(zero_init_residual, bool):
-            raise TypeError(f"zero_init_residual must be True or False; got {zero_init_residual!r}")
+        boolean("zero_init_residual", zero_init_residual)
 
         self.stem = _make_stem(stem, widths[0])
         in_channels = widths[0]
