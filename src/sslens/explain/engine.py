@@ -42,7 +42,7 @@ INITIAL_WEIGHT = 1e-10
 
 
 #: Images per forward pass when ``batch_size=None``, by device type: on the CPU small batches
-#: ran fastest (measured in docs/BENCHMARKS.md, "RELAX batch size").
+#: ran fastest (measured in docs/BENCHMARKS.md, "RELAX", CPU).
 DEFAULT_BATCH_SIZE = {"cpu": 32}
 
 

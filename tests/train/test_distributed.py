@@ -25,7 +25,7 @@ import torch
 from sslens.distributed import shard, unshard
 from sslens.train.loop import train_step
 
-WORKERS = Path(__file__).parent / "workers"
+WORKERS = Path(__file__).parents[1] / "workers"
 RANKS = 2
 
 
