@@ -78,3 +78,11 @@ def suggestion(name: object, choices: Iterable[str]) -> str:
     """``" Did you mean 'x'?"`` for the closest of ``choices`` to ``name``, or ``""``."""
     close = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def listing(items: Iterable[object], limit: int = 8, separator: str = ", ") -> str:
+    """The first ``limit`` of ``items`` and how many there are in all, for messages: a few names
+    say what is wrong, thousands would bury it."""
+    items = [str(item) for item in items]
+    shown = separator.join(items[:limit])
+    return shown + (f"{separator}... ({len(items)} in all)" if len(items) > limit else "")

@@ -17,13 +17,22 @@ Formats (see docs/MODELS.md for the commands and what each keeps):
   ``prototypes.weight`` (K, 128), bare or nested under ``state_dict``.
 * ``simclr``: TensorFlow SimCLR checkpoints converted to PyTorch by Separius/SimCLRv2-Pytorch
   (``{"resnet": ..., "head": ...}``, ResNet keys ``net.0.0.weight`` ...; 1x width, no selective
-  kernels) or by tonylins/simclr-converter (``{"state_dict": torchvision keys}``, 1x width).
-  Both expect unnormalised [0, 1] inputs, which the model directory records (mean 0, std 1).
-* ``torchvision``: a torchvision ResNet-18/34/50 state dict.
+  kernels) or by tonylins/simclr-converter (``{"state_dict": torchvision keys}``, 1x width), and
+  AndrewAtanov/simclr-pytorch training checkpoints (``{"state_dict": convnet.* + projection.*,
+  "hparams": argparse.Namespace, ...}``; ImageNet or CIFAR-10 stem). All expect unnormalised
+  [0, 1] inputs, which the model directory records (mean 0, std 1).
+* ``torchvision``: a torchvision-named ResNet state dict (any of :data:`RESNET_NAMES`, the
+  ``-cifar`` ones included).
 * ``timm``: a weights file of any timm model, named with ``timm_name``.
 
+The ResNet of every format but timm is read off the keys (:func:`infer_resnet_arch`: blocks per
+stage, BasicBlock or Bottleneck, widths, 7x7 or 3x3 stem) and checked against ``arch`` and
+against what the file says of itself (MoCo's ``arch`` field, simclr-pytorch's hparams); a
+mismatch names what the keys hold. A file given with the wrong format is told which format it
+looks like (:func:`guess_format`, :func:`guess_format_of_file`).
+
 Every key of the file is accounted for: loaded, or dropped for a stated reason (recorded in
-``meta["dropped"]``); anything else is an error listing the keys.
+``meta["dropped"]``); anything else is an error listing (some of) the keys.
 
 >>> import_checkpoint("moco_v2_800ep_pretrain.pth.tar", "moco", "models/moco-v2")  # doctest: +SKIP
 PosixPath('models/moco-v2')
@@ -31,8 +40,10 @@ PosixPath('models/moco-v2')
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pathlib
 import pickle
 import re
 from collections.abc import Callable, Mapping
@@ -43,15 +54,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from sslens.checks import listing
 from sslens.data.base import IMAGENET_MEAN, IMAGENET_STD
 from sslens.data.cache import user_cache_dir
 from sslens.errors import UserError
 from sslens.hashing import file_sha256, json_sha256
 from sslens.methods.imported import head_spec
 from sslens.models.base import Backbone
-from sslens.models.resnet import ResNet, load_torchvision_state_dict
+from sslens.models.resnet import (
+    RESNET_NAMES,
+    ResNet,
+    infer_resnet_arch,
+    load_torchvision_state_dict,
+    resnet_layout,
+)
 from sslens.models.timm_backbone import TimmBackbone
-from sslens.registry import lookup
+from sslens.registry import lookup, unknown_name
 from sslens.store import META_FILE, MODEL_FILE, build_method, provenance, save_model
 
 #: ImageNet evaluation preprocessing of the torchvision reference scripts: shorter side 256,
@@ -63,6 +81,21 @@ IMAGENET_PREPROCESSING = {
     "crop_pct": 0.875,
     "interpolation": "bilinear",
 }
+
+#: Inputs of a CIFAR-stem ResNet: 32 px images as they are (nothing to crop).
+CIFAR_PREPROCESSING = {**IMAGENET_PREPROCESSING, "image_size": [32, 32], "crop_pct": 1.0}
+
+#: What ``torch.load(weights_only=True)`` may rebuild besides tensors, containers and numbers:
+#: plain records, rebuilt without running anything from the file. AndrewAtanov/simclr-pytorch
+#: saves its hparams as an ``argparse.Namespace`` (``models/ssl.py``, ``get_ckpt``), whose
+#: ``root`` its myexman parser sets to a ``pathlib.PosixPath`` (``myexman/parser.py``).
+SAFE_GLOBALS = (argparse.Namespace, pathlib.PosixPath)
+
+#: Modules whose functions run programs or code: a pickle that names one of them would execute
+#: it while loading (torch blocks os, posix, nt and sys outright and refuses the rest as unknown).
+_CODE_MODULES = frozenset(
+    {"os", "posix", "nt", "sys", "subprocess", "builtins", "runpy", "importlib", "shutil", "socket", "pty", "ctypes"}
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +145,10 @@ class Converted:
         prototypes: (K, out_dim) SwAV prototypes, or None.
         dropped: reason → source keys deliberately not kept.
         mean, std: input normalisation the authors used, when it is not ImageNet's.
+        arch: the ResNet the file says it holds (MoCo's ``arch`` field, simclr-pytorch's
+            hparams), as an sslens backbone name; None when it says nothing.
+        arch_source: where the file says so, for messages ("its 'arch' field").
+        extra_meta: further ``meta.json`` entries the file provides (``source_hparams``).
     """
 
     layout: str
@@ -121,34 +158,49 @@ class Converted:
     dropped: dict[str, list[str]] = field(default_factory=dict)
     mean: list[float] | None = None
     std: list[float] | None = None
+    arch: str | None = None
+    arch_source: str = ""
+    extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
 Converter = Callable[[Any], Converted]
 
 
-def _unwrap(checkpoint: Any, *nests: str) -> dict[str, torch.Tensor]:
+def _unwrap(format_name: str, checkpoint: Any, *nests: str) -> dict[str, torch.Tensor]:
     """The state dict inside ``checkpoint`` (the first of ``nests`` that holds a dict, else the
     checkpoint itself), with DataParallel's ``module.`` prefixes removed."""
     if not isinstance(checkpoint, Mapping):
         raise UserError(f"The file holds a {type(checkpoint).__name__}, not a dict of tensors (a state dict).")
-    state = next((checkpoint[key] for key in nests if isinstance(checkpoint.get(key), Mapping)), checkpoint)
-    not_tensors = sorted(key for key, value in state.items() if not torch.is_tensor(value))
+    state = _nested(checkpoint, nests)
+    not_tensors = sorted(str(key) for key, value in state.items() if not torch.is_tensor(value))
     if not_tensors:
         raise UserError(
-            f"The state dict holds entries that are not tensors: {', '.join(not_tensors[:8])}. "
-            f"Is this a training checkpoint whose weights sit under another key? Top-level keys: "
-            f"{', '.join(map(str, checkpoint))}."
+            f"{_format_hint(format_name, checkpoint)}The state dict holds entries that are not tensors: "
+            f"{listing(not_tensors, 8)}. Is this a training checkpoint whose weights sit under another "
+            f"key? Top-level keys: {listing(sorted(map(str, checkpoint)), 12)}."
         )
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def _layout_error(format_name: str, state: Mapping[str, Any], expected: str) -> UserError:
-    keys = sorted(map(str, state))
-    sample = ", ".join(keys[:12]) + (f", ... ({len(keys)} keys)" if len(keys) > 12 else "")
+def _nested(checkpoint: Mapping, nests: tuple[str, ...]) -> Mapping:
+    """The first of ``checkpoint[nest]`` that is a dict, else ``checkpoint`` itself."""
+    return next((checkpoint[key] for key in nests if isinstance(checkpoint.get(key), Mapping)), checkpoint)
+
+
+def _format_hint(format_name: str, checkpoint: Any) -> str:
+    """'This looks like a 'moco' checkpoint: ...' when :func:`guess_format` names another format."""
+    guessed = guess_format(checkpoint)
+    if guessed is None or guessed == format_name:
+        return ""
+    return f"This looks like a {guessed!r} checkpoint: pass --format {guessed}. "
+
+
+def _layout_error(format_name: str, checkpoint: Any, state: Mapping[str, Any], expected: str) -> UserError:
     return UserError(
-        f"This is not a {format_name!r} checkpoint in a layout sslens knows: expected {expected}. "
-        f"Keys found: {sample}. Known formats: {', '.join(sorted(CHECKPOINT_FORMATS))} "
-        "(docs/MODELS.md describes each layout); pass the format that produced the file."
+        f"{_format_hint(format_name, checkpoint)}This is not a {format_name!r} checkpoint in a layout "
+        f"sslens knows: expected {expected}. Keys found: {listing(sorted(map(str, state)), 12)}. Known "
+        f"formats: {', '.join(sorted(CHECKPOINT_FORMATS))} (docs/MODELS.md describes each layout); pass "
+        "the format that produced the file."
     )
 
 
@@ -164,28 +216,32 @@ def convert_moco(checkpoint: Any) -> Converted:
     ``{"epoch", "arch", "state_dict", "optimizer"}``; ``state_dict`` keys ``module.encoder_q.*``
     (a torchvision ResNet whose ``fc`` is MoCo v1's Linear or MoCo v2's ``fc.0`` Linear, ReLU,
     ``fc.2`` Linear), ``module.encoder_k.*`` (momentum copy) and ``module.queue``,
-    ``module.queue_ptr``. The query encoder is kept; key encoder and queue are dropped.
+    ``module.queue_ptr``. The query encoder is kept; key encoder and queue are dropped. ``arch``
+    (a torchvision model name, e.g. "resnet50") is the ResNet the file says it holds.
     """
-    state = _unwrap(checkpoint, "state_dict")
+    state = _unwrap("moco", checkpoint, "state_dict")
     if not any(key.startswith("encoder_q.") for key in state):
-        raise _layout_error("moco", state, "keys 'module.encoder_q.*' under 'state_dict' (MoCo v1/v2 pre-training)")
+        raise _layout_error("moco", checkpoint, state,
+                            "keys 'module.encoder_q.*' under 'state_dict' (MoCo v1/v2 pre-training)")
     query = _take(state, "encoder_q.")
     dropped = {"momentum key encoder (encoder_k)": sorted(f"encoder_k.{k}" for k in _take(state, "encoder_k."))}
     queue = sorted(key for key in ("queue", "queue_ptr") if state.pop(key, None) is not None)
     if queue:
         dropped["negatives queue"] = queue
     if state:
-        raise _layout_error("moco", state, "only module.encoder_q.*, module.encoder_k.*, module.queue and module.queue_ptr, "
-                                "but the keys below are none of these")
+        raise _layout_error("moco", checkpoint, state, "only module.encoder_q.*, module.encoder_k.*, module.queue "
+                            "and module.queue_ptr, but the keys below are none of these")
     head = _take(query, "fc.")
     if {"weight", "bias"} == set(head):
         layout, head = "MoCo v1 (linear head)", {f"0.{k}": v for k, v in head.items()}
     elif head and all(re.fullmatch(r"[02]\.(weight|bias)", key) for key in head):
         layout = "MoCo v2 (MLP head)"
     else:
-        raise _layout_error("moco", {f"encoder_q.fc.{k}": v for k, v in head.items()} or query,
+        raise _layout_error("moco", checkpoint, {f"encoder_q.fc.{k}": v for k, v in head.items()} or query,
                             "encoder_q.fc.weight/bias (v1) or encoder_q.fc.0.* and fc.2.* (v2)")
-    return Converted(layout, query, head=head, dropped=dropped)
+    arch = checkpoint.get("arch")
+    return Converted(layout, query, head=head, dropped=dropped, arch=arch if isinstance(arch, str) else None,
+                     arch_source="its 'arch' field")
 
 
 def convert_swav(checkpoint: Any) -> Converted:
@@ -197,9 +253,10 @@ def convert_swav(checkpoint: Any) -> Converted:
     ``swav_800ep_pretrain.pth.tar`` is a bare state dict; training checkpoints nest it under
     ``state_dict``. Multiple prototype sets (``prototypes.prototypes0.*``) are not supported.
     """
-    state = _unwrap(checkpoint, "state_dict")
+    state = _unwrap("swav", checkpoint, "state_dict")
     if "conv1.weight" not in state:
-        raise _layout_error("swav", state, "'module.conv1.weight', 'module.layer1.*', 'module.projection_head.*'")
+        raise _layout_error("swav", checkpoint, state,
+                            "'module.conv1.weight', 'module.layer1.*', 'module.projection_head.*'")
     if any(key.startswith("prototypes.prototypes") for key in state):
         raise UserError(
             "This SwAV checkpoint has several prototype sets (MultiPrototypes, prototypes.prototypesN.*); "
@@ -231,7 +288,16 @@ _SEPARIUS_RULES = [
 SIMCLR_LAYOUTS = (
     "Separius/SimCLRv2-Pytorch r50_1x_sk0 ({'resnet': ..., 'head': ...}, keys net.0.0.weight ...)",
     "tonylins/simclr-converter resnet50-1x ({'state_dict': ...}, torchvision keys conv1.weight ...)",
+    "AndrewAtanov/simclr-pytorch ({'state_dict': ..., 'hparams': ...}, keys convnet.* and projection.*)",
 )
+
+#: AndrewAtanov/simclr-pytorch ``models/encoder.py`` ``EncodeProject.projection`` modules →
+#: their index in its ``nn.Sequential``: fc1 (Linear, no bias), bn1 (BatchNorm1d), relu1,
+#: fc2 (Linear to 128, no bias), bn2 (``BatchNorm1dNoBias``: affine, its bias frozen but saved).
+_SIMCLR_PYTORCH_HEAD = {"fc1": 0, "bn1": 1, "fc2": 3, "bn2": 4}
+
+#: The simclr-pytorch hparams recorded in ``meta["source_hparams"]`` (when the file has them).
+_SIMCLR_PYTORCH_HPARAMS = ("problem", "arch", "data", "batch_size", "iters", "temperature")
 
 
 def convert_simclr(checkpoint: Any) -> Converted:
@@ -245,13 +311,15 @@ def convert_simclr(checkpoint: Any) -> Converted:
       selective kernels (``r50_1x_sk0``) maps onto a torchvision ResNet-50.
     * tonylins/simclr-converter: ``{"state_dict": torchvision ResNet-50 keys}`` (SimCLR v1, 1x);
       ``fc`` (supervised head) dropped; no projection head was converted.
+    * AndrewAtanov/simclr-pytorch (https://github.com/AndrewAtanov/simclr-pytorch), the
+      checkpoints ``train.py`` saves: see :func:`_convert_simclr_pytorch`.
 
-    Both take unnormalised RGB in [0, 1] (the TensorFlow models normalise nothing), recorded as
-    mean 0, std 1.
+    All take unnormalised RGB in [0, 1] (the TensorFlow models normalise nothing; simclr-pytorch
+    feeds ``ToTensor()`` output), recorded as mean 0, std 1.
     """
     raw = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("resnet"), Mapping):
-        resnet = _unwrap(checkpoint["resnet"])
+        resnet = _unwrap("simclr", checkpoint["resnet"])
         if any(".main_conv." in key or ".mixing_conv." in key for key in resnet) or "net.0.2.weight" in resnet:
             raise UserError(
                 "This SimCLRv2 checkpoint uses selective kernels (an *_sk1 model), which do not map onto a "
@@ -265,28 +333,71 @@ def convert_simclr(checkpoint: Any) -> Converted:
             else:
                 mapped[new] = value
         if unknown:
-            raise _layout_error("simclr", dict.fromkeys(unknown), f"one of: {'; '.join(SIMCLR_LAYOUTS)}")
-        head = _unwrap(checkpoint.get("head", {}))
+            raise _layout_error("simclr", checkpoint, dict.fromkeys(unknown), f"one of: {'; '.join(SIMCLR_LAYOUTS)}")
+        head = _unwrap("simclr", checkpoint.get("head", {}))
         head = {key.removeprefix("layers."): value for key, value in head.items()}
         return Converted("Separius/SimCLRv2-Pytorch (1x, sk0)", mapped, head=head, **raw)
-    state = _unwrap(checkpoint, "state_dict")
-    if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+    state = _unwrap("simclr", checkpoint, "state_dict")
+    if any(key.startswith("convnet.") for key in state):
+        return _convert_simclr_pytorch(checkpoint, state, raw)
+    if guess_format(checkpoint) == "torchvision":
         return Converted("tonylins/simclr-converter (torchvision keys)", state, **raw)
-    raise _layout_error("simclr", state, f"one of: {'; '.join(SIMCLR_LAYOUTS)}")
+    raise _layout_error("simclr", checkpoint, state, f"one of: {'; '.join(SIMCLR_LAYOUTS)}")
+
+
+def _convert_simclr_pytorch(checkpoint: Mapping, state: dict[str, torch.Tensor], raw: dict) -> Converted:
+    """AndrewAtanov/simclr-pytorch checkpoints (``train.py`` ``save_checkpoint``).
+
+    ``{"state_dict": EncodeProject.state_dict(), "hparams": argparse.Namespace, "opt_state_dict",
+    "iter"}``. ``convnet.*`` is ``models/resnet.py``'s ``ResNetEncoder``, a torchvision ResNet
+    (hparams ``arch`` "ResNet50" or "resnet18") whose ``fc`` its forward never calls; with
+    ``data == "cifar"`` its conv1 is 3x3 stride 1 and the max-pool is skipped ("cifar_head"),
+    sslens's CIFAR stem. ``projection.*`` is fc1 (D → D, no bias), bn1, ReLU, fc2 (D → 128, no
+    bias), bn2 (:data:`_SIMCLR_PYTORCH_HEAD`). The optimizer state is never read.
+    """
+    convnet, projection = _take(state, "convnet."), _take(state, "projection.")
+    head, unknown = {}, sorted(state)
+    for key, value in projection.items():
+        module, _, param = key.partition(".")
+        if module in _SIMCLR_PYTORCH_HEAD:
+            head[f"{_SIMCLR_PYTORCH_HEAD[module]}.{param}"] = value
+        else:
+            unknown.append(f"projection.{key}")
+    if unknown:
+        raise _layout_error("simclr", checkpoint, dict.fromkeys(unknown),
+                            "only convnet.* and projection.{fc1,bn1,fc2,bn2}.* (AndrewAtanov/simclr-pytorch)")
+    unused_fc = sorted(f"convnet.fc.{key}" for key in _take(convnet, "fc."))
+    hparams = checkpoint.get("hparams")
+    values = vars(hparams) if isinstance(hparams, argparse.Namespace) else hparams if isinstance(hparams, Mapping) else {}
+    recorded = {key: values[key] for key in _SIMCLR_PYTORCH_HPARAMS if isinstance(values.get(key), str | int | float)}
+    arch = values.get("arch")
+    # models/encoder.py: ResNet50(cifar_head=(hparams.data == 'cifar')), likewise resnet18.
+    declared = f"{arch.lower()}{'-cifar' if values.get('data') == 'cifar' else ''}" if isinstance(arch, str) else None
+    return Converted(
+        "AndrewAtanov/simclr-pytorch (convnet + projection)",
+        convnet,
+        head=head,
+        dropped={"unused torchvision classifier (ResNetEncoder.forward never calls convnet.fc)": unused_fc},
+        arch=declared,
+        arch_source=f"its hparams (arch {arch!r}, data {values.get('data')!r})",
+        extra_meta={"source_hparams": recorded} if recorded else {},
+        **raw,
+    )
 
 
 def convert_torchvision(checkpoint: Any) -> Converted:
-    """A torchvision ``resnet18/34/50`` state dict (bare or under ``state_dict``); ``fc`` dropped."""
-    state = _unwrap(checkpoint, "state_dict")
-    if "conv1.weight" not in state:
-        raise _layout_error("torchvision", state, "torchvision ResNet keys: conv1.weight, bn1.*, layer1.0.* ...")
+    """A torchvision-named ResNet state dict (bare or under ``state_dict``); ``fc`` dropped."""
+    state = _unwrap("torchvision", checkpoint, "state_dict")
+    if guess_format(checkpoint) != "torchvision":
+        raise _layout_error("torchvision", checkpoint, state,
+                            "torchvision ResNet keys only: conv1.weight, bn1.*, layer1.0.* ..., fc.*")
     return Converted("torchvision ResNet", state)
 
 
 def convert_timm(checkpoint: Any) -> Converted:
     """A timm model's weights (bare, or under ``state_dict``/``model`` as timm's train script and
     others save them); the classifier is dropped when loading."""
-    return Converted("timm", _unwrap(checkpoint, "state_dict", "model"))
+    return Converted("timm", _unwrap("timm", checkpoint, "state_dict", "model"))
 
 
 #: Format name (``--format``) → the converter of its layout.
@@ -298,15 +409,63 @@ CHECKPOINT_FORMATS: dict[str, Converter] = {
     "timm": convert_timm,
 }
 
+#: (format, test on a state dict's keys with ``module.`` removed): the first that passes names
+#: the format. SwAV and simclr-pytorch files also hold torchvision keys, so torchvision is late.
+_FORMAT_SIGNS: tuple[tuple[str, Callable[[set[str]], bool]], ...] = (
+    ("moco", lambda keys: any(key.startswith("encoder_q.") for key in keys)),
+    ("swav", lambda keys: "prototypes.weight" in keys or any(key.startswith("projection_head.") for key in keys)),
+    ("simclr", lambda keys: any(key.startswith("convnet.") for key in keys)),
+    ("torchvision", lambda keys: {"conv1.weight", "layer1.0.conv1.weight"} <= keys),
+    ("timm", lambda keys: "patch_embed.proj.weight" in keys),
+)
 
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """The contents of a ``.safetensors`` file, or of a torch file loaded with ``weights_only=True``.
 
-    Nothing pickled is ever executed: a file that needs arbitrary classes is a UserError.
+def guess_format(checkpoint: Any) -> str | None:
+    """The format (a key of :data:`CHECKPOINT_FORMATS`) whose layout a loaded checkpoint has,
+    from its keys alone; None when it has none sslens knows. Never raises.
+
+    ``{"resnet": ..., "head": ...}`` → "simclr" (Separius); then, on the state dict (under
+    ``state_dict`` or ``model``, else the checkpoint itself): ``encoder_q.*`` → "moco",
+    ``prototypes.weight`` or ``projection_head.*`` → "swav", ``convnet.*`` → "simclr"
+    (AndrewAtanov/simclr-pytorch), ``conv1.weight`` + ``layer1.0.conv1.weight`` → "torchvision"
+    (tonylins/simclr-converter files look the same), ``patch_embed.proj.weight`` → "timm" (ViTs).
+
+    >>> guess_format({"state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}})
+    'moco'
     """
-    path = Path(path)
+    if not isinstance(checkpoint, Mapping):
+        return None
+    if isinstance(checkpoint.get("resnet"), Mapping):
+        return "simclr"
+    keys = {str(key).removeprefix("module.") for key in _nested(checkpoint, ("state_dict", "model"))}
+    return next((name for name, sign in _FORMAT_SIGNS if sign(keys)), None)
+
+
+def guess_format_of_file(path: str | os.PathLike) -> str | None:
+    """:func:`guess_format` of the file at ``path``, loaded as :func:`load_checkpoint_file` loads
+    it (never running pickled code; a file it refuses is its UserError).
+
+    >>> guess_format_of_file("moco_v2_800ep_pretrain.pth.tar")  # doctest: +SKIP
+    'moco'
+    """
+    return guess_format(load_checkpoint_file(path))
+
+
+def _check_exists(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path} does not exist. Pass the checkpoint file (.pth, .pth.tar, .pt or .safetensors).")
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """The contents of a ``.safetensors`` file, or of a torch file loaded with ``weights_only=True``
+    and :data:`SAFE_GLOBALS` (``argparse.Namespace``, ``pathlib.PosixPath``) allowed.
+
+    Nothing pickled is ever executed: a file that needs other classes is a UserError naming them,
+    and one whose pickle calls a function that runs code (``os.system``, ``eval``) is refused as
+    such, with no advice to load it otherwise.
+    """
+    path = Path(path)
+    _check_exists(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -316,16 +475,42 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         except (SafetensorError, OSError) as error:
             raise UserError(f"Cannot read {path} as safetensors: {error}") from error
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise UserError(
-            f"{path} needs Python's pickle to run code to load (it stores objects other than tensors, "
-            f"dicts, lists and numbers), and sslens only loads with torch.load(weights_only=True). In an "
-            f"environment you trust, re-save its weights: torch.save(model.state_dict(), 'weights.pth'). "
-            f"Details: {str(error).splitlines()[0]}"
-        ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        # Not chained: torch's message advises weights_only=False, which would run the file's code.
+        raise _refused_pickle(path, error) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
         raise UserError(f"Cannot load {path} with torch.load: {error}. Is it a complete PyTorch checkpoint?") from error
+
+
+def _refused_pickle(path: Path, error: pickle.UnpicklingError) -> UserError:
+    """The UserError for a torch file that only a full unpickle could load, naming what it needs."""
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            # Reads the pickle's opcodes without executing them.
+            needed = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
+        # torch's legacy (pre-1.6, not zip) files are not read this way; its error names the first.
+        needed = re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
+    runs_code = [name for name in needed if name.split(".", 1)[0] in _CODE_MODULES]
+    if not needed:
+        return UserError(f"Cannot load {path} with torch.load: it is no pickle torch can read. Is it a complete "
+                         "PyTorch checkpoint?")
+    if runs_code:
+        return UserError(
+            f"{path} would run code when loaded: its pickle calls {listing(runs_code, 4)}. sslens refused it "
+            "and ran nothing from it. Do not open it with pickle or torch.load(weights_only=False); if you "
+            "expected a checkpoint, get it again from its authors."
+        )
+    return UserError(
+        f"{path} stores Python objects besides tensors, dicts, lists, numbers and argparse Namespaces "
+        f"({listing(needed, 4)}); only pickle could rebuild them, by running "
+        "their code, and sslens loads with torch.load(weights_only=True) only. If you trust who made the "
+        "file, re-save its weights where those classes import: ckpt = torch.load(path, weights_only=False); "
+        "torch.save({k: v for k, v in ckpt.items() if torch.is_tensor(v) or isinstance(v, dict)}, "
+        "'weights.pth') (for a pickled nn.Module, save its state_dict() instead), then import weights.pth."
+    )
 
 
 def download_checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -354,13 +539,45 @@ def download_checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -
     return target
 
 
-def _check_resnet(backbone: Backbone, format_name: str, arch: str) -> None:
-    """Checkpoints of every format but timm hold a torchvision-style ImageNet ResNet."""
-    if format_name != "timm" and (not isinstance(backbone, ResNet) or backbone.stem_type != "imagenet"):
+def _resolve_arch(requested: str | None, converted: Converted) -> str:
+    """The ResNet of a moco/swav/simclr/torchvision checkpoint: the one its keys describe
+    (:func:`infer_resnet_arch`), which ``requested`` (--arch) and what the file says of itself
+    must match; the requested or stated one when the keys are too incomplete to tell."""
+    layout, inferred = resnet_layout(converted.backbone), infer_resnet_arch(converted.backbone)
+    stated = converted.arch
+    if layout is not None and inferred is None:
         raise UserError(
-            f"--arch {arch} is not an ImageNet ResNet; {format_name} checkpoints need resnet18, resnet34 "
-            "or resnet50. For other architectures use --format timm with --timm-name."
+            f"The checkpoint holds a ResNet with {layout}, which is none of sslens's ResNets "
+            f"({', '.join(RESNET_NAMES)}). For other ResNets use --format timm with the model's timm name "
+            "(timm's ResNets use torchvision's key names)."
         )
+    if inferred is not None and requested not in (None, inferred):
+        raise UserError(
+            f"The checkpoint holds a {inferred} ({layout}); --arch {requested} does not fit. "
+            f"Pass --arch {inferred} or leave --arch out."
+        )
+    if inferred is not None and requested is None and stated not in (None, inferred):
+        raise UserError(
+            f"The checkpoint holds a {inferred} ({layout}), although {converted.arch_source} says "
+            f"{stated}. Pass --arch {inferred} to import its weights as they are."
+        )
+    if inferred is None and None not in (requested, stated) and requested != stated:
+        raise UserError(
+            f"The checkpoint says it is a {stated} ({converted.arch_source}); --arch {requested} does not "
+            f"fit. Pass --arch {stated} or leave --arch out."
+        )
+    arch = requested or inferred or stated
+    if arch is None:
+        raise UserError(
+            "Cannot tell the ResNet of this checkpoint: its keys lack conv1.weight or layer1..4.0.conv1.weight "
+            f"and it names no architecture. Pass --arch (one of {', '.join(RESNET_NAMES)})."
+        )
+    if arch not in RESNET_NAMES:
+        raise UserError(
+            f"--arch: {unknown_name('ResNet', arch, RESNET_NAMES)} Checkpoints of every format but timm hold a "
+            "torchvision-named ResNet; for other architectures use --format timm with --timm-name."
+        )
+    return arch
 
 
 def _load_backbone(backbone: Backbone, weights: Mapping[str, torch.Tensor]) -> list[str]:
@@ -386,11 +603,8 @@ def _preprocessing(backbone: Backbone, converted: Converted) -> dict:
             "crop_pct": float(cfg.get("crop_pct", 0.875)),
             "interpolation": str(cfg.get("interpolation", "bicubic")),
         }
-    return {
-        **IMAGENET_PREPROCESSING,
-        "mean": converted.mean or IMAGENET_PREPROCESSING["mean"],
-        "std": converted.std or IMAGENET_PREPROCESSING["std"],
-    }
+    base = CIFAR_PREPROCESSING if isinstance(backbone, ResNet) and backbone.stem_type == "cifar" else IMAGENET_PREPROCESSING
+    return {**base, "mean": converted.mean or base["mean"], "std": converted.std or base["std"]}
 
 
 def import_checkpoint(
@@ -398,7 +612,7 @@ def import_checkpoint(
     format: str,
     out_dir: str | os.PathLike,
     *,
-    arch: str = "resnet50",
+    arch: str | None = None,
     timm_name: str | None = None,
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
@@ -413,16 +627,19 @@ def import_checkpoint(
         format: a name in :data:`CHECKPOINT_FORMATS` ("moco", "swav", "simclr", "torchvision",
             "timm").
         out_dir: the model directory to write (``model.safetensors`` + ``meta.json``).
-        arch: the ResNet of moco/swav/simclr/torchvision checkpoints ("resnet18", "resnet34",
-            "resnet50").
+        arch: the ResNet of moco/swav/simclr/torchvision checkpoints (a name in
+            :data:`RESNET_NAMES`, e.g. "resnet50" or "resnet50-cifar"); None = the one the keys
+            describe (:func:`infer_resnet_arch`). Given, it must match the keys and the file's
+            own record (MoCo's ``arch``, simclr-pytorch's hparams). Not used with timm.
         timm_name: the timm model name, for ``format="timm"`` (and only then).
         overwrite: replace an existing non-empty ``out_dir``.
 
     ``meta.json`` records ``source_format``, ``source_layout``, ``source_file``,
     ``source_sha256``, ``arch``, the preprocessing (``image_size``, ``mean``, ``std``,
-    ``crop_pct``, ``interpolation``), ``kept`` (backbone / projection_head / prototypes) and
-    ``dropped`` (reason → source keys). Any key that is neither kept nor dropped for a stated
-    reason, and any missing or misshapen key, is a UserError listing them.
+    ``crop_pct``, ``interpolation``; 32 px and crop_pct 1.0 for a CIFAR stem), ``kept``
+    (backbone / projection_head / prototypes), ``dropped`` (reason → source keys) and, for
+    simclr-pytorch files, ``source_hparams``. Any key that is neither kept nor dropped for a
+    stated reason, and any missing or misshapen key, is a UserError listing them.
     """
     converter = _format(format)
     if (format == "timm") != (timm_name is not None):
@@ -438,20 +655,20 @@ def import_checkpoint(
         source = download_checkpoint(source.name, cache_dir)
 
     converted = converter(load_checkpoint_file(source))
+    # The one format whose architecture is not a ResNet: timm names its model.
+    resnet = None if format == "timm" else _resolve_arch(arch, converted)
     head = head_spec(converted.head) if converted.head else None
     num_prototypes = 0 if converted.prototypes is None else int(converted.prototypes.shape[0])
     meta: dict[str, Any] = {
         "method": "imported",
         "method_options": {"head": head, "num_prototypes": num_prototypes},
-        # The one format whose architecture is not a ResNet named by arch: timm names its model.
-        "backbone": "timm" if format == "timm" else arch,
-        "backbone_options": {"model_name": timm_name} if format == "timm" else {},
+        "backbone": resnet or "timm",
+        "backbone_options": {} if resnet else {"model_name": timm_name},
     }
     try:
         method = build_method(meta)
     except ValueError as error:
         raise UserError(f"{'--timm-name' if format == 'timm' else '--arch'}: {error}") from error
-    _check_resnet(method.backbone, format, arch)
     dropped = dict(converted.dropped)
     classifier = _load_backbone(method.backbone, converted.backbone)
     if classifier:
@@ -471,9 +688,10 @@ def import_checkpoint(
         source_layout=converted.layout,
         source_file=str(source.resolve()),
         source_sha256=file_sha256(source),
-        arch=timm_name if format == "timm" else arch,
+        arch=resnet or timm_name,
         kept=kept,
         dropped={reason: sorted(keys) for reason, keys in dropped.items() if keys},
+        **converted.extra_meta,
         **provenance(),
     )
     return save_model(out, method, meta)
@@ -514,7 +732,7 @@ def import_cached(
     path: str | os.PathLike,
     format: str,
     *,
-    arch: str = "resnet50",
+    arch: str | None = None,
     timm_name: str | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
@@ -526,6 +744,7 @@ def import_cached(
     SHA-256 and the import options, so a changed file is imported again and an unchanged one is
     not.
     """
+    _check_exists(Path(path))
     key = json_sha256([file_sha256(path), format, arch, timm_name])[:16]
     root = Path(cache_dir) if cache_dir is not None else user_cache_dir() / "imported"
     out_dir = root / f"{format}-{key}"

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from sslens.checks import listing
 from sslens.registry import Registry
 
 BACKBONES = Registry("backbone", modules=("sslens.models.resnet", "sslens.models.timm_backbone"))
@@ -68,9 +69,9 @@ def state_dict_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str
     )
     problems = []
     if missing:
-        problems.append(f"missing from the checkpoint: {', '.join(missing)}")
+        problems.append(f"missing from the checkpoint: {listing(missing)}")
     if unexpected:
-        problems.append(f"not in this backbone: {', '.join(unexpected)}")
+        problems.append(f"not in this backbone: {listing(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+        problems.append(f"shape mismatches: {listing(mismatched, separator='; ')}")
     return " | ".join(problems)

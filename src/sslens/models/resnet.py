@@ -12,7 +12,8 @@ Two stems are offered:
 
 Every backbone exposes its stages as the attributes ``stem``, ``layer1`` ... ``layer4`` so an
 explainer can hook ``backbone.get_layer("layer4")``. Weights are never downloaded; published
-checkpoints come in through :func:`load_torchvision_state_dict`.
+checkpoints come in through :func:`load_torchvision_state_dict`, and :func:`infer_resnet_arch`
+names the registered ResNet whose layout a torchvision-named state dict has.
 
 >>> backbone = create_resnet("resnet-tiny")
 >>> backbone(torch.zeros(2, 3, 32, 32)).shape
@@ -21,6 +22,7 @@ torch.Size([2, 128])
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -175,6 +177,82 @@ def _register(name: str) -> None:
 for _name in _CONFIGS:
     _register(_name)
 
+#: The registered ResNet backbones.
+RESNET_NAMES: tuple[str, ...] = tuple(_CONFIGS)
+
+#: conv1's kernel size → stem (see :func:`_make_stem`).
+_STEM_KERNELS = {7: "imagenet", 3: "cifar"}
+
+
+@dataclass(frozen=True)
+class ResNetLayout:
+    """The network that a torchvision-named ResNet state dict describes (:func:`resnet_layout`).
+
+    Attributes:
+        block: ``BasicBlock`` (``layerN.M.conv1``, ``conv2``) or ``Bottleneck`` (also ``conv3``).
+        blocks_per_stage: blocks in ``layer1`` ... ``layer4`` (the largest M of ``layerN.M.*``, + 1).
+        widths: output channels of each stage's first ``conv1`` (the ``planes`` of
+            :class:`ResNet`: 64-128-256-512 for every registered ResNet but ``resnet-tiny``, and
+            twice that for wide ResNets).
+        stem_kernel: conv1's kernel size: 7 for the ImageNet stem, 3 for the CIFAR stem.
+    """
+
+    block: Block
+    blocks_per_stage: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem_kernel: int
+
+    @property
+    def stem(self) -> str | None:
+        """The stem's name ("imagenet", "cifar"), or None for a stem sslens does not build."""
+        return _STEM_KERNELS.get(self.stem_kernel)
+
+    def __str__(self) -> str:
+        """E.g. "Bottleneck blocks 3-4-6-3, 7x7 ImageNet stem"."""
+        text = f"{self.block.__name__} blocks {'-'.join(map(str, self.blocks_per_stage))}"
+        if self.widths != (64, 128, 256, 512):
+            text += f", widths {'-'.join(map(str, self.widths))}"
+        stem = {"imagenet": " ImageNet", "cifar": " CIFAR"}.get(self.stem or "", "")
+        return f"{text}, {self.stem_kernel}x{self.stem_kernel}{stem} stem"
+
+
+def resnet_layout(state_dict: Mapping[str, torch.Tensor]) -> ResNetLayout | None:
+    """The layout of a torchvision-named ResNet state dict (``conv1.weight``, ``layerN.M.*``), or
+    None when it lacks conv1 or a stage's first block (it is no ResNet, or only part of one).
+
+    >>> import torchvision
+    >>> str(resnet_layout(torchvision.models.resnet50().state_dict()))
+    'Bottleneck blocks 3-4-6-3, 7x7 ImageNet stem'
+    """
+    conv1 = state_dict.get("conv1.weight")
+    firsts = [state_dict.get(f"layer{stage}.0.conv1.weight") for stage in range(1, 5)]
+    if any(weight is None or weight.ndim != 4 for weight in [conv1, *firsts]):
+        return None
+    counts = [0, 0, 0, 0]
+    for key in state_dict:
+        match = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if match:
+            stage = int(match.group(1)) - 1
+            counts[stage] = max(counts[stage], int(match.group(2)) + 1)
+    block = Bottleneck if "layer1.0.conv3.weight" in state_dict else BasicBlock
+    return ResNetLayout(block, tuple(counts), tuple(int(w.shape[0]) for w in firsts), int(conv1.shape[-1]))
+
+
+def infer_resnet_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered ResNet (a name in :data:`RESNET_NAMES`) whose block type, blocks per stage,
+    widths and stem the torchvision-named ``state_dict`` has; None when none has them (a
+    ResNet-101, a wide ResNet, a 5x5 stem) or the keys are no ResNet (:func:`resnet_layout`).
+
+    >>> import torchvision
+    >>> infer_resnet_arch(torchvision.models.resnet18().state_dict())
+    'resnet18'
+    """
+    layout = resnet_layout(state_dict)
+    if layout is None:
+        return None
+    found = (layout.block, layout.blocks_per_stage, layout.widths, layout.stem)
+    return next((name for name, config in _CONFIGS.items() if config == found), None)
+
 
 @dataclass
 class ImportReport:
@@ -221,8 +299,8 @@ def load_torchvision_state_dict(
     problems = state_dict_problems(backbone.state_dict(), mapped)
     if problems:
         raise ValueError(
-            "The state dict does not fit this backbone (is it the same depth and stem? "
-            "ImageNet checkpoints need 'resnetXX', not 'resnetXX-cifar'). " + problems
+            "The state dict does not fit this backbone (is it the same depth, width and stem? "
+            "infer_resnet_arch names the ResNet its keys describe). " + problems
         )
     backbone.load_state_dict(mapped, strict=True)
     return ImportReport(loaded=sorted(mapped), dropped=sorted(dropped))
