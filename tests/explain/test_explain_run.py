@@ -64,7 +64,9 @@ def test_gradcam_on_a_folder_writes_raw_maps_matching_the_explainer(model_dir, i
     assert [p.name for p in paths] == ["colour_gradcam.npz", "colour_gradcam.png", "grey_gradcam.npz", "grey_gradcam.png"]
     assert "grey_gradcam.png" in capsys.readouterr().out
     data = read_npz(tmp_path / "grey_gradcam.npz")
-    assert set(data) == {"importance", "image", "input", "info"}
+    # The augmented view the map compares with is recorded (and drawn) with it.
+    assert set(data) == {"importance", "image", "input", "info", "reference_image"}
+    assert data["reference_image"].shape == (32, 32, 3) and data["reference_image"].dtype == np.uint8
     assert data["importance"].shape == (32, 32) and data["importance"].dtype == np.float32
     assert data["image"].shape == (32, 32, 3) and data["image"].dtype == np.uint8
     assert data["input"].shape == (3, 32, 32)
@@ -185,7 +187,7 @@ def test_duplicate_stems_do_not_overwrite(model_dir, image_dir, tmp_path):
         ({"method": "relax", "layer": "layer4", "reference": None}, ["--layer does not apply to the relax explainer"]),
         ({"method": "relax"}, ["--reference does not apply to the relax explainer"]),
         ({"weights": "w.pth"}, ["either an sslens model", "--weights"]),
-        ({"model": None, "weights": "w.pth"}, ["--weights needs --arch"]),
+        ({"model": None, "weights": "w.pth"}, ["w.pth", "does not exist"]),
         ({"output": "logits"}, ["'pooled' or 'projection'"]),
         ({"reference": "nowhere.png"}, ["nowhere.png", "does not exist"]),
     ],

@@ -30,7 +30,10 @@ ImageNet model records its own (e.g. 0.875, bicubic) and is explained with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +112,60 @@ def read_rgb(path: str | Path, *, draft: Sequence[int] | None = None) -> tuple[I
     }
 
 
+#: What :func:`load_rgb` and :func:`unreadable_reason` catch: the decode errors, and Pillow's
+#: decompression-bomb warning, which they turn into an error (see :func:`_refusing_bombs`).
+_UNREADABLE = (*DECODE_ERRORS, UnidentifiedImageError, Image.DecompressionBombWarning)
+
+
+@contextlib.contextmanager
+def _refusing_bombs() -> Iterator[None]:
+    """Inside, an image of more than Pillow's ``Image.MAX_IMAGE_PIXELS`` is refused when it is
+    opened, before any pixel is decoded.
+
+    Pillow only warns between that limit and twice it (and then decodes), and raises above; a
+    file the user names could be a bomb either way, so both are errors here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def _why_unreadable(path: str | Path, error: BaseException) -> str:
+    """A short reason why Pillow failed on ``path``, e.g. "decompression bomb: 200,000,000 pixels, ..."."""
+    if isinstance(error, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        # Pillow's message is "Image size (N pixels) exceeds limit of M pixels, ...".
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(found[1]):,} pixels" if found else str(error)
+        return (
+            f"decompression bomb: {size}, more than Pillow's limit PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{Image.MAX_IMAGE_PIXELS:,}; not decoded"
+        )
+    if isinstance(error, UnidentifiedImageError):
+        # Pillow says "cannot identify image file" for an empty file too.
+        with contextlib.suppress(OSError):
+            if Path(path).stat().st_size == 0:
+                return "0 bytes"
+        return "not an image file Pillow can identify"
+    return f"truncated or corrupt: {error}"
+
+
+def _unreadable_message(path: str | Path, reason: str) -> str:
+    fix = (
+        "If it is a genuine image, shrink it below that limit first."
+        if reason.startswith("decompression bomb")
+        else "Is it an image file, and complete?"
+    )
+    return f"Cannot read {path} as an image ({reason}). {fix}"
+
+
 def load_rgb(path: str | Path) -> tuple[Image.Image, dict]:
-    """:func:`read_rgb` for a file the user named: an unreadable file is a UserError."""
+    """:func:`read_rgb` for a file the user named: an unreadable file is a UserError, and a
+    decompression bomb (more than Pillow's ``Image.MAX_IMAGE_PIXELS``) is refused unread."""
     try:
-        return read_rgb(path)
-    except (*DECODE_ERRORS, UnidentifiedImageError) as error:
-        raise UserError(f"Cannot read {path} as an image ({error}). Is it an image file, and complete?") from error
+        with _refusing_bombs():
+            return read_rgb(path)
+    except _UNREADABLE as error:
+        raise UserError(_unreadable_message(path, _why_unreadable(path, error))) from error
 
 
 def resize_center_crop(
@@ -221,11 +272,26 @@ def list_image_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def unreadable_reason(path: str | Path) -> str | None:
+    """Why ``path`` is not a readable image, found without decoding it, or None.
+
+    Cheap: the file's header and (for PNG, whose chunks carry checksums) a read of its chunks,
+    never its pixels. Reasons read "0 bytes", "not an image file Pillow can identify",
+    "decompression bomb: 200,000,000 pixels, ..." (more than Pillow's ``Image.MAX_IMAGE_PIXELS``)
+    or "truncated or corrupt: ...". A file that passes can still fail to decode (a truncated
+    JPEG has no checksum to verify): :func:`load_rgb` then raises.
+    """
+    try:
+        with _refusing_bombs(), Image.open(path) as image:
+            image.verify()
+    except _UNREADABLE as error:
+        return _why_unreadable(path, error)
+    return None
+
+
 def check_readable(files: Iterable[Path]) -> None:
-    """Raise a :class:`UserError` naming the first file whose header is not an image's (cheap: no decoding)."""
+    """Raise a :class:`UserError` naming the first file :func:`unreadable_reason` refuses (cheap: no decoding)."""
     for path in files:
-        try:
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, OSError) as error:
-            raise UserError(f"Cannot read {path} as an image ({error}). Is it an image file?") from error
+        reason = unreadable_reason(path)
+        if reason is not None:
+            raise UserError(_unreadable_message(path, reason))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,9 @@ from torch import nn
 from sslens.atomic import atomic_write_bytes
 from sslens.checks import positive_int
 from sslens.data.base import normalize, to_float
+from sslens.errors import SslensWarning
 from sslens.hashing import json_sha256
+from sslens.models.health import eval_mode
 
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
@@ -83,18 +85,6 @@ class FeatureCache:
 
     def __contains__(self, key: str) -> bool:
         return self.path(key).exists()
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode, restoring every submodule's own mode on exit (also on error)."""
-    modes = [(submodule, submodule.training) for submodule in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for submodule, training in modes:
-            submodule.training = training
 
 
 def module_device(module: nn.Module) -> torch.device | None:
@@ -202,7 +192,11 @@ def extract_features(
             f"data.iter_batches yielded {len(features)} images but len(data) is {len(data)}."
         )
     if cache is not None:
-        cache.put(cache_key, features)
+        try:
+            cache.put(cache_key, features)
+        except OSError as error:
+            # A cache saves time, never results: a full or read-only disk must not lose them.
+            warnings.warn(f"Could not cache the features in {cache.directory} ({error.strerror or error}).", SslensWarning, stacklevel=2)
     return features
 
 

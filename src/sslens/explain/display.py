@@ -12,6 +12,7 @@ uint8, and figures are drawn. The figure keeps the raw values visible on each co
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -133,18 +134,23 @@ def save_explanation_png(
     maps: Mapping[str, np.ndarray],
     title: str | None = None,
     *,
+    reference: np.ndarray | None = None,
+    reference_label: str | None = None,
     cmap: str = "jet",
     alpha: float = 0.5,
     normalization: str = "minmax",
 ) -> Path:
     """Draw the image, every raw map with its colour bar, and each map's overlay; save as PNG.
 
-    Layout: the top row shows the image, then one heatmap per entry of ``maps`` in raw values
-    (the colour bar is labelled in those values); the bottom row shows each map's overlay on the
-    image, normalised with ``normalization``: "minmax" or "percentile" (see :func:`normalize_map`;
-    "zscore" is unbounded, and an overlay needs values in [0, 1]). ``image`` is uint8
-    (H, W, 3); each map is (H, W). Uses matplotlib's Agg canvas directly, so no pyplot state or
-    display is involved. Returns the path written.
+    Layout: the top row shows the image, then (with ``reference_label``) what it was compared
+    with, then one heatmap per entry of ``maps`` in raw values (the colour bar is labelled in
+    those values); the bottom row shows each map's overlay on the image, normalised with
+    ``normalization``: "minmax" or "percentile" (see :func:`normalize_map`; "zscore" is
+    unbounded, and an overlay needs values in [0, 1]). ``image`` is uint8 (H, W, 3); each map is
+    (H, W); ``reference`` is a uint8 (h, w, 3) image shown under the title ``reference_label``,
+    or None to write ``reference_label`` as a note in its place (e.g. "mean embedding of 12
+    images"). ``title`` may span lines (long ones are wrapped). Uses matplotlib's Agg canvas
+    directly, so no pyplot state or display is involved. Returns the path written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -156,14 +162,27 @@ def save_explanation_png(
             f"normalization must be 'minmax' or 'percentile' for an overlay, which needs values in [0, 1]; "
             f"got {normalization!r}"
         )
+    if reference is not None and reference_label is None:
+        raise ValueError("reference needs a reference_label saying what it is (e.g. 'reference: dog.jpg')")
     image = np.asarray(image)
-    columns = 1 + len(maps)
-    figure = Figure(figsize=(3.2 * columns, 6.4 if title is None else 6.9), layout="constrained")
+    first = 1 if reference_label is None else 2  # the column of the first map
+    columns = first + len(maps)
+    if title is not None:
+        # A panel holds about 28 characters of the title's font: longer lines are wrapped, not cut.
+        title = "\n".join(_wrap(line, 28 * columns) for line in title.split("\n"))
+    title_lines = 0 if title is None else title.count("\n") + 1
+    figure = Figure(figsize=(3.2 * columns, 6.4 + 0.3 * title_lines + 0.2 * (title_lines > 0)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, columns, squeeze=False)
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("input")
-    for column, (name, raw) in enumerate(maps.items(), start=1):
+    if reference_label is not None:
+        if reference is not None:
+            axes[0, 1].imshow(np.asarray(reference))
+            axes[0, 1].set_title(_wrap(reference_label))
+        else:
+            axes[0, 1].text(0.5, 0.5, _wrap(reference_label), ha="center", va="center", transform=axes[0, 1].transAxes)
+    for column, (name, raw) in enumerate(maps.items(), start=first):
         raw = np.asarray(raw, dtype=np.float32)
         if raw.shape != image.shape[:2]:
             raise ValueError(f"map {name!r} has shape {raw.shape}; the image is {image.shape[:2]}")
@@ -180,3 +199,8 @@ def save_explanation_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
     return path
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    """``text`` broken into lines of at most about ``width`` characters, to fit one panel."""
+    return "\n".join(textwrap.wrap(text, width)) or text

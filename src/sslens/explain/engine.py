@@ -19,6 +19,9 @@ only in how a masked image is built. Everything else lives here, once:
 * **The estimator** (:class:`RelaxEstimator`): each round's weighted moments in closed form (two
   matrix products), merged with Chan et al.'s parallel update — exactly relax-xai's running
   estimate on the same masks, without its per-mask Python loop.
+* **Progress** (:data:`ProgressCallback`): both explainers take an optional
+  ``progress(done, total)`` in their call and report the masks done after each round, without
+  touching the computation (the maps are bitwise those of a call without it).
 
 Measured speeds are in docs/BENCHMARKS.md.
 """
@@ -347,6 +350,20 @@ def check_masks(masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(masks).all() or (masks < 0).any():
         raise ValueError("masks are the estimator's weights and must be finite and non-negative (e.g. in [0, 1])")
     return masks.to(device=images.device, dtype=images.dtype)
+
+
+#: ``progress(done, total)``: ``done`` of the call's ``total`` masks have been through the
+#: encoder (for every image still running). Called with ``done = 0`` before the first forward
+#: pass, after every round of masks, and with ``done = total`` at the end (also when adaptive
+#: stopping ends a call early), so the counts rise monotonically to the total.
+ProgressCallback = Callable[[int, int], None]
+
+
+def check_progress(value: object) -> ProgressCallback | None:
+    """``value`` if it is None or callable (``progress(done, total)``), else a TypeError."""
+    if value is not None and not callable(value):
+        raise TypeError(f"progress must be a callable progress(done, total) or None; got {type(value).__name__}")
+    return value
 
 
 def check_batch_size(value: object) -> int | None:

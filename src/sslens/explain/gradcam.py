@@ -274,6 +274,13 @@ class SimilarityCAM(Explainer):
         self.seed = seed
         self.batch_size = batch_size
 
+    def augmented_views(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → the (B, 3, H, W) views ``reference="augmented"`` compares ``images``
+        with: ``augment`` with one generator seeded with ``seed``, image after image (so a
+        batch split across processes must draw its views before the split)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return self.augment(images.detach().cpu(), generator).to(images.device)
+
     @torch.no_grad()
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.encoder(chunk) for chunk in images.split(self.batch_size)])
@@ -321,8 +328,7 @@ class SimilarityCAM(Explainer):
         if isinstance(reference, str):
             if reference != "augmented":
                 raise ValueError(f"reference must be a tensor or 'augmented'; got {reference!r}")
-            generator = torch.Generator().manual_seed(self.seed)
-            reference = self.augment(images.detach().cpu(), generator).to(images.device)
+            reference = self.augmented_views(images)
             info["mode"] = "augmented"
             info["augmentation"] = getattr(self.augment, "__name__", type(self.augment).__name__)
         elif reference is not None:

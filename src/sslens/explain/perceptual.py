@@ -80,10 +80,12 @@ from sslens.explain.base import EXPLAINERS, Explainer, Explanation
 from sslens.explain.depth import DepthEstimator
 from sslens.explain.engine import (
     PROBE,
+    ProgressCallback,
     RelaxEstimator,
     autotuned_convolutions,
     check_batch_size,
     check_fast_inference,
+    check_progress,
     default_batch_size,
     embed,
     inference_encoder,
@@ -275,8 +277,11 @@ class PerceptualComponents(Explainer):
         fast_inference: BatchNorms folded into convolutions in a private copy of the encoder,
             as for :class:`~sslens.explain.relax.RELAX` (default ``"auto"``: on the CPU).
 
-    Call ``explainer(images, depth=None)`` with (B, 3, H, W) normalised images and optional
-    (B, H, W) depth maps. Returns ``components = {name: (B, H, W)}``, ``importance`` = their mean.
+    Call ``explainer(images, depth=None, progress=None)`` with (B, 3, H, W) normalised images,
+    optional (B, H, W) depth maps and an optional ``progress(done, total)`` told the masks done
+    (of ``num_masks``) after every round of them (:data:`~sslens.explain.engine.ProgressCallback`;
+    the maps do not depend on it). Returns ``components = {name: (B, H, W)}``, ``importance`` =
+    their mean.
     """
 
     #: Name in reports.
@@ -361,7 +366,10 @@ class PerceptualComponents(Explainer):
             raise ValueError(f"{source} must be a (B, H, W) = {expected} tensor matching the images; got {shape}")
         return depth.to(device=pixels.device, dtype=pixels.dtype), None
 
-    def explain(self, images: torch.Tensor, depth: torch.Tensor | None = None) -> Explanation:
+    def explain(
+        self, images: torch.Tensor, depth: torch.Tensor | None = None, progress: ProgressCallback | None = None
+    ) -> Explanation:
+        progress = check_progress(progress)
         self.encoder.eval()
         size = tuple(images.shape[2:])
         dtype = images.dtype if images.is_floating_point() else torch.float32
@@ -401,11 +409,17 @@ class PerceptualComponents(Explainer):
             ]
             generator = torch.Generator(device=images.device).manual_seed(self.seed)
             rounds = mask_rounds(self.sampler, self.num_masks, self.round_size, size, generator, dtype)
+            done = 0
+            if progress is not None:
+                progress(done, self.num_masks)
             # One forward pass per chunk: every component × image row gets batch_size // rows masks.
             for chunk in rechunk(rounds, max(1, batch_size // (len(built) * images.shape[0]))):
                 scores = packed_similarities(encoder, groups, chunk, batch_size, self.amp)
                 for estimator, component_scores in zip(estimators.values(), scores, strict=True):
                     estimator.update(component_scores, chunk)
+                done += chunk.shape[0]
+                if progress is not None:
+                    progress(done, self.num_masks)
             maps = {name: estimator.importance.float() for name, estimator in estimators.items()}
         return Explanation(
             importance=torch.stack(list(maps.values())).mean(dim=0),

@@ -96,11 +96,13 @@ from sslens.explain.baselines import check_baseline, make_baseline
 from sslens.explain.engine import (
     INITIAL_WEIGHT,
     PROBE,
+    ProgressCallback,
     RelaxEstimator,
     autotuned_convolutions,
     check_batch_size,
     check_fast_inference,
     check_masks,
+    check_progress,
     default_batch_size,
     embed,
     inference_encoder,
@@ -221,9 +223,11 @@ class RELAX(Explainer):
             maps up to float rounding, the caller's model untouched): ``"auto"`` (default) on
             the CPU, True on any device (raises if it cannot), False never.
 
-    Call ``explainer(images, masks=None)`` with (B, 3, H, W) normalised images; ``masks`` is an
-    optional explicit (N, 1, H, W) tensor shared by all images (``num_masks`` is then ignored
-    and the result is a deterministic function of the masks). Returns an
+    Call ``explainer(images, masks=None, progress=None)`` with (B, 3, H, W) normalised images;
+    ``masks`` is an optional explicit (N, 1, H, W) tensor shared by all images (``num_masks`` is
+    then ignored and the result is a deterministic function of the masks); ``progress(done,
+    total)`` is told the masks done after every round (:data:`~sslens.explain.engine.ProgressCallback`;
+    ``total`` is ``num_masks`` or N; the maps do not depend on it). Returns an
     :class:`~sslens.explain.base.Explanation` with (B, H, W) ``importance``, ``uncertainty``
     (normalised, see the module docstring) and ``components["u_relax"]``.
     """
@@ -275,7 +279,10 @@ class RELAX(Explainer):
         self.amp = None if amp is None else bool(amp)
         self.fast_inference = check_fast_inference(fast_inference)
 
-    def explain(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> Explanation:
+    def explain(
+        self, images: torch.Tensor, masks: torch.Tensor | None = None, progress: ProgressCallback | None = None
+    ) -> Explanation:
+        progress = check_progress(progress)
         self.encoder.eval()
         size = tuple(images.shape[2:])
         dtype = images.dtype if images.is_floating_point() else torch.float32
@@ -300,6 +307,10 @@ class RELAX(Explainer):
             blocks = self.mask_sampler.block_size if self.adaptive and self.stop == "blocks" else None
             estimator = RelaxEstimator(num_images, size, reference.dtype, images.device, blocks)
             active = torch.arange(num_images, device=images.device)
+            total = self.num_masks if masks is None else int(masks.shape[0])
+            done = 0
+            if progress is not None:
+                progress(done, total)
             for round_masks in rounds:
 
                 def build(index: torch.Tensor, m: torch.Tensor, rows: torch.Tensor = active) -> torch.Tensor:
@@ -310,10 +321,16 @@ class RELAX(Explainer):
                 # Only the stopping rules read the previous map; unrolled rounds skip the copy.
                 previous = estimator.importance[active].clone() if self.adaptive else None
                 estimator.update(scores, round_masks, active)
+                done += round_masks.shape[0]
+                if progress is not None:
+                    progress(done, total)
                 if self.adaptive:
                     active = self._still_running(estimator, previous, active)
                     if active.numel() == 0:
                         break
+            # Adaptive stopping may end the call before ``total``: it is done all the same.
+            if progress is not None and done < total:
+                progress(total, total)
             importance = estimator.importance.float()
             uncertainty = estimator.uncertainty.float()
         return Explanation(

@@ -14,6 +14,7 @@ _EXPORTS = {
     "TimmBackbone": "sslens.models.timm_backbone",
     "InputAdapter": "sslens.models.adapt",
     "adapt_input": "sslens.models.adapt",
+    "degenerate_encoder_warning": "sslens.models.health",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -52,13 +52,6 @@ def takes_reference(explainer: Explainer) -> bool:
     return "reference" in inspect.signature(explainer.explain).parameters
 
 
-def augmented_views(explainer: Any, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) seeded augmented views, drawn exactly as a CAM's ``reference="augmented"``
-    draws them: one generator over the batch, image after image."""
-    generator = torch.Generator().manual_seed(explainer.seed)
-    return explainer.augment(images.detach().cpu(), generator).to(images.device)
-
-
 def explain_fn(
     name: str, encoder: nn.Module, options: Mapping[str, Any], *, seed: int, mean: Sequence[float],
     std: Sequence[float],
@@ -71,7 +64,7 @@ def explain_fn(
 
     def explain(images: torch.Tensor) -> torch.Tensor:
         # Drawn before the batch is split, so every image is paired with the view one process gives it.
-        views = augmented_views(explainer, images)
+        views = explainer.augmented_views(images)
         return map_rows(lambda x, reference: explainer(x, reference=reference).importance.to(x.device), images,
                         reference=views)
 
