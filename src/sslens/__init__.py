@@ -15,6 +15,7 @@ _EXPORTS = {
     # Errors the library raises for input a user can fix.
     "UserError": "sslens.errors",
     "DatasetError": "sslens.errors",
+    "SslensWarning": "sslens.errors",
     # Data.
     "ImageData": "sslens.data.base",
     "load_dataset": "sslens.data.base",

@@ -7,14 +7,17 @@ or a full disk mid-write leaves the previous version intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from sslens.errors import UserError
 
 
 def _umask() -> int:
@@ -74,7 +77,38 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as indented UTF-8 JSON (via :func:`jsonable`, so NaN becomes null)."""
+    return (json.dumps(jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (via :func:`jsonable`, so NaN becomes null), atomically."""
-    text = json.dumps(jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False)
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    """Write ``obj`` as :func:`json_bytes`, atomically."""
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (created if needed) for the ``with`` body.
+
+    A second process asking for the same folder gets a :class:`~sslens.errors.UserError` at
+    once instead of interleaving its files with the first one's (and deleting its temporary
+    files). The lock is the operating system's ``flock`` on the folder itself, so no file is
+    left behind and it is released when the process ends, even by ``kill -9``.
+    """
+    import fcntl
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{folder} is in use by another sslens process, which is {what} there. Wait for it "
+                f"to finish, or choose another --out."
+            ) from None
+        yield
+    finally:
+        os.close(fd)

@@ -8,13 +8,15 @@ function decorated with ``@app.command()`` that parses options and calls library
 
 from __future__ import annotations
 
+import errno
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from sslens.errors import UserError
+from sslens.errors import SslensWarning, UserError
 
 app = typer.Typer(
     name="sslens",
@@ -22,12 +24,32 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich's tables cut long values (a list of components, a path) with "…" at 80
+    # columns; click's formatter wraps every word onto the next line instead.
+    rich_markup_mode=None,
 )
 
 USER_ERROR_EXIT = 2
 
 
-@app.command("train")
+def _print_version(value: bool) -> None:
+    if value:
+        from sslens.version import __version__
+
+        typer.echo(f"sslens {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the sslens version and exit.",
+    )] = False,
+) -> None:
+    """Train self-supervised image models (SimCLR, MoCo v2, SwAV) and explain their representations."""
+
+
+@app.command("train", short_help="Train a self-supervised model into a run directory.")
 def train_command(
     config: Annotated[Path | None, typer.Option(
         "--config", "-c",
@@ -59,6 +81,10 @@ def train_command(
     overwrite: Annotated[bool, typer.Option(
         help="Replace a run already in --out; its files are deleted only after the new run's first checkpoint.",
     )] = False,
+    allow_changes: Annotated[bool, typer.Option(
+        help="With --resume: continue with a config that differs from the checkpoint's (optimiser, "
+        "learning rate, batch size, data, views); without it such a resume is refused.",
+    )] = False,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE",
         help="Set any config key (repeatable); values are YAML, dotted keys reach nested options: "
@@ -68,7 +94,7 @@ def train_command(
     """Train a self-supervised model; writes config.yaml, log.jsonl, checkpoints/ and model/ in the run directory."""
     from sslens.store import RunDir
     from sslens.train.config import load_config, parse_assignment
-    from sslens.train.loop import train
+    from sslens.train.loop import nothing_to_resume, train
 
     flags = {
         "method": method, "backbone": backbone, "data": data, "data_dir": data_dir,
@@ -86,8 +112,8 @@ def train_command(
             raise UserError("--resume needs --out RUN (the run directory to continue).")
         config = RunDir(overrides["out"]).config_file
         if not config.is_file():
-            raise UserError(f"Nothing to resume: {config} does not exist. Drop --resume to start a new run.")
-    run = RunDir(train(load_config(config, overrides), resume=resume, overwrite=overwrite))
+            raise nothing_to_resume(RunDir(overrides["out"]))
+    run = RunDir(train(load_config(config, overrides), resume=resume, overwrite=overwrite, allow_changes=allow_changes))
     typer.echo(f"Run finished: {run.path} (model in {run.model_dir}; evaluate with `sslens evaluate {run.path}`)")
 
 
@@ -106,7 +132,7 @@ def _preset_config(preset: str, method: str, config: Path | None) -> Path:
     return resolve_config_path(name)
 
 
-@app.command("evaluate")
+@app.command("evaluate", short_help="kNN and linear-probe top-1 of a model's features.")
 def evaluate_command(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (or model directory) written by `sslens train`.")],
     k: Annotated[int, typer.Option(help="Neighbours of the weighted kNN classifier.")] = 200,
@@ -141,9 +167,12 @@ def evaluate_command(
     typer.echo(evaluation.text)
     for path in evaluation.written:
         typer.echo(f"wrote {path}")
+    if evaluation.failed:
+        raise UserError("; ".join(f"Could not write {path} ({why})" for path, why in evaluation.failed)
+                        + ". The results above are complete; free space or choose a writable --json.")
 
 
-@app.command("explain")
+@app.command("explain", short_help="Explain what a model's representation looks at.")
 def explain_command(
     model: Annotated[str | None, typer.Argument(
         help="Run directory, model directory or checkpoint written by sslens (omit with --weights).",
@@ -177,24 +206,40 @@ def explain_command(
         help="MiDaS model for the perceptual depth component (MiDaS_small, MiDaS, DPT_Hybrid, DPT_Large), "
         "loaded through torch.hub (online or from its cache); without it depth is skipped.",
     )] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace output files that already exist (otherwise the run stops before explaining anything).",
+    )] = False,
+    strict: Annotated[bool, typer.Option(
+        help="Stop at the first unreadable image or reference file, instead of skipping it with a warning.",
+    )] = False,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="Rich progress bar (default: only on a terminal).", show_default=False,
+    )] = None,
 ) -> None:
-    """Explain what a model's representation looks at; writes raw maps (.npz) and overlays (.png)."""
+    """Explain what a model's representation looks at; writes raw maps (.npz) and overlays (.png).
+
+    Output names add the options that change the map (e.g. cat_gradcam_layer3_ref-dog.npz).
+    Unreadable files are skipped with a warning; the command fails only if none could be explained.
+    """
     from sslens.explain.run import explain_images
 
     explain_images(
         model, image, method=method, out_dir=out, reference=reference, layer=layer,
         components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
         weights=weights, format=format, arch=arch, timm_name=timm_name, output=output, num_masks=num_masks,
-        seed=seed, device=device, depth_model=depth_model,
+        seed=seed, device=device, depth_model=depth_model, overwrite=overwrite, strict=strict,
+        progress="auto" if progress is None else progress,
     )
 
 
-@app.command("import")
+@app.command("import", short_help="Import a published checkpoint as an sslens model.")
 def import_command(
     checkpoint: Annotated[str, typer.Argument(help="The published checkpoint file (or a name with --download).")],
     format: Annotated[str, typer.Option(help="Source layout: moco, swav, simclr, torchvision or timm.")],
     out: Annotated[Path, typer.Option(help="The sslens model directory to write.")],
-    arch: Annotated[str, typer.Option(help="ResNet architecture of the checkpoint (resnet18, resnet34, resnet50).")] = "resnet50",
+    arch: Annotated[str | None, typer.Option(
+        help="ResNet of the checkpoint (resnet18, resnet50, resnet50-cifar, ...); default: read from its keys.",
+    )] = None,
     timm_name: Annotated[str | None, typer.Option(help="timm model name, for --format timm.")] = None,
     download: Annotated[bool, typer.Option(help="Fetch the checkpoint from the authors' URL (needs internet).")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Where --download stores files.")] = None,
@@ -221,7 +266,7 @@ def _run_study_command(config, out: Path, progress: bool | None) -> None:
         typer.echo(f"Report: {outcome.report} (numbers in {outcome.results}; {outcome.seconds:.0f} s)")
 
 
-@app.command("study")
+@app.command("study", short_help="Train, explain and compare models in one report.")
 def study_command(
     config: Annotated[Path, typer.Option(
         "--config", "-c", help="Study YAML file, or a packaged one (study-demo, study-cifar10).",
@@ -250,7 +295,7 @@ def study_command(
     _run_study_command(load_study_config(config, overrides), out, progress)
 
 
-@app.command("demo")
+@app.command("demo", short_help="The packaged CPU demo study (under 5 minutes).")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Output folder of the demo study.")] = Path("sslens-demo"),
     progress: Annotated[bool | None, typer.Option(
@@ -266,15 +311,50 @@ def demo_command(
     _run_study_command(load_study_config("study-demo"), out, progress)
 
 
+#: Operating-system errors a user fixes (space, permissions, a wrong path), printed as one line.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``sslens`` script and ``python -m sslens``."""
     try:
-        app(args=argv, prog_name="sslens")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", SslensWarning)
+            original = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None) -> None:
+                # What sslens works around is said in one line, like an error, not as a Python warning.
+                if issubclass(category, SslensWarning):
+                    print(f"sslens: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+                else:
+                    original(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show
+            app(args=argv, prog_name="sslens")
     except UserError as error:
-        print(f"sslens: error: {' '.join(str(error).split())}", file=sys.stderr)
-        raise SystemExit(USER_ERROR_EXIT) from None
+        _fail(str(error))
+    except RuntimeError as error:
+        from sslens.distributed import explain_timeout
+
+        message = explain_timeout(error)
+        if message is None:
+            raise
+        _fail(message)
+    except OSError as error:
+        if error.errno not in USER_OS_ERRORS:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        _fail(
+            f"Cannot write or read{where}: {error.strerror}. Free disk space, or choose a folder you "
+            f"can write (--out); what earlier commands wrote is unchanged."
+        )
     finally:
         _leave_process_group()
+
+
+def _fail(message: str) -> None:
+    print(f"sslens: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(USER_ERROR_EXIT) from None
 
 
 def _leave_process_group() -> None:

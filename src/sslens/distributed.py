@@ -22,7 +22,9 @@ What lives here, beside thin wrappers of the collectives:
 
 from __future__ import annotations
 
+import datetime
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -92,8 +94,65 @@ def init_distributed(device: torch.device) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"Distributed runs support CUDA (NCCL) and the CPU (gloo); got --device {device}.")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+            timeout=datetime.timedelta(seconds=collective_timeout()),
+        )
     return device
+
+
+#: Environment variable: seconds a collective waits for the other processes before giving up.
+TIMEOUT_ENV = "SSLENS_DIST_TIMEOUT"
+#: Its default. PyTorch's own is 30 minutes (10 for NCCL), long enough to look like a hang when
+#: one process has stopped; checkpoints, kNN and probes run on every rank, so no healthy rank
+#: waits this long for another.
+DEFAULT_TIMEOUT_S = 600
+
+
+def collective_timeout() -> float:
+    """Seconds before a collective gives up (:data:`TIMEOUT_ENV`, default :data:`DEFAULT_TIMEOUT_S`)."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"{TIMEOUT_ENV} must be a positive number of seconds; got {raw!r}.")
+    return seconds
+
+
+def missing_ranks(wait_s: float = 3.0) -> list[int]:
+    """The ranks that do not answer within ``wait_s`` seconds, asked through torchrun's key-value
+    store (which works when the collectives have timed out): each rank that can still run
+    writes its key, then every rank without one is missing."""
+    current = world()
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"sslens-alive-{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    store.set(f"{prefix}/{current.rank}", "1")
+    deadline = time.monotonic() + wait_s
+    missing = list(range(current.size))
+    while missing and time.monotonic() < deadline:
+        missing = [rank for rank in range(current.size) if not store.check([f"{prefix}/{rank}"])]
+        time.sleep(0.1)
+    return missing
+
+
+def explain_timeout(error: BaseException) -> str | None:
+    """A one-line message for a collective that timed out under torchrun (naming the processes
+    that stopped answering), or None when ``error`` is something else."""
+    text = str(error)
+    if not world().distributed or not any(word in text.lower() for word in ("timed out", "timeout")):
+        return None
+    try:
+        missing = missing_ranks()
+    except (RuntimeError, ValueError):
+        missing = []
+    who = f"rank(s) {', '.join(map(str, missing))} did not answer" if missing else "another process did not answer"
+    return (
+        f"Rank {world().rank} waited {collective_timeout():.0f} s ({TIMEOUT_ENV}) for the other processes "
+        f"and gave up: {who} (stopped, killed or hung). Check those processes' output, then resume the "
+        f"run with --resume."
+    )
 
 
 def barrier() -> None:

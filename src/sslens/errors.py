@@ -7,3 +7,8 @@ class UserError(ValueError):
 
 class DatasetError(UserError):
     """A dataset is missing, empty, or unreadable."""
+
+
+class SslensWarning(UserWarning):
+    """Something sslens worked around (a skipped file, a cache it could not write, a degenerate
+    model, a very long run): the CLI prints it as one ``sslens: warning:`` line."""

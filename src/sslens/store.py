@@ -35,13 +35,14 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sslens.atomic import atomic_write_bytes, fsync_directory
-from sslens.errors import UserError
+from sslens.errors import SslensWarning, UserError
 from sslens.version import __version__
 
 MODEL_FILE = "model.safetensors"
@@ -146,22 +147,59 @@ class RunDir:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoint directories, oldest first (by epoch number, not by name:
-        epoch-10000 sorts before epoch-9999 as text)."""
+        epoch-10000 sorts before epoch-9999 as text). A checkpoint folder that is a link is
+        not one of this run's (it may lead to another run), so it is left out."""
         root = self.checkpoints_dir
         if not root.is_dir():
             return []
         prefix = self.CHECKPOINT_PREFIX
-        found = [p for p in root.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+        found = [
+            p for p in root.iterdir()
+            if p.name.startswith(prefix) and p.name[len(prefix):].isdigit() and not p.is_symlink()
+        ]
         return sorted((p for p in found if _is_complete(p)), key=lambda p: int(p.name[len(prefix):]))
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint (by the ``latest`` pointer), or None."""
-        if self.latest_file.is_file():
-            candidate = self.checkpoints_dir / self.latest_file.read_text().strip()
-            if _is_complete(candidate):
-                return candidate
+        """The newest complete checkpoint, or None.
+
+        The ``latest`` pointer is trusted only when it names a checkpoint of this run: a bare
+        ``epoch-NNNN`` inside its own ``checkpoints/`` (no path, no ``..``, no link leading out).
+        Anything else (a pointer edited to another run's checkpoint, garbage bytes, a dangling
+        name) is ignored with a warning, and the newest complete checkpoint is used, so no
+        command ever reads, or resumes over, another run's weights.
+        """
         complete = self.checkpoints()
+        if self.latest_file.is_file():
+            try:
+                name = self.latest_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                name = None
+            candidate = self.checkpoints_dir / name if name else None
+            if candidate is not None and candidate in complete:
+                return candidate
+            fallback = complete[-1].name if complete else "none"
+            warnings.warn(
+                f"{self.latest_file} does not name a complete checkpoint of this run "
+                f"({name!r}); using the newest complete one instead ({fallback}).", SslensWarning, stacklevel=2,
+            )
         return complete[-1] if complete else None
+
+    def clean_leftovers(self) -> list[Path]:
+        """Remove what writers killed mid-write left behind (temporary checkpoint and model
+        folders, temporary files): never renamed into place, so never loadable. Call only while
+        holding the run's lock. Returns what was removed."""
+        removed = []
+        for folder in (self.path, self.checkpoints_dir):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if entry.name.startswith(".") and (".tmp-" in entry.name or ".old-" in entry.name or entry.name.endswith(".tmp")):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    removed.append(entry)
+        return removed
 
     def weights_meta(self) -> dict | None:
         """The ``meta.json`` of the final model, else of the latest checkpoint; None without weights."""
@@ -228,7 +266,26 @@ class RunDir:
 
 
 def _write_directory(target: Path, files: dict[str, bytes]) -> None:
-    """Write ``files`` into a temporary sibling of ``target``, then swap it into place."""
+    """Write ``files`` into a temporary sibling of ``target``, then swap it into place.
+
+    An existing ``target`` is replaced only when it is a model or checkpoint folder (nothing
+    but :data:`MODEL_FILE`, :data:`META_FILE` and :data:`STATE_FILE`): replacing deletes it, and
+    a folder with other files (a training run, someone's data) or a link is never deleted.
+    """
+    if target.is_symlink():
+        raise UserError(
+            f"{target} is a symbolic link. sslens replaces model folders atomically and will not "
+            f"write through or delete a link; point it elsewhere or replace it with a folder."
+        )
+    if target.exists():
+        others = sorted(p.name for p in target.iterdir()) if target.is_dir() else [target.name]
+        others = [name for name in others if name not in (MODEL_FILE, META_FILE, STATE_FILE)]
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise UserError(
+                f"{target} holds more than an sslens model ({shown}); replacing it would delete "
+                f"them. Choose another folder, or move those files first."
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -287,19 +344,62 @@ def save_model(directory: str | os.PathLike, method: torch.nn.Module, meta: dict
     return directory
 
 
-def load_training_state(checkpoint_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(weights on the CPU, meta, training state) of one checkpoint directory."""
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The ``meta.json`` of a model or checkpoint folder; a UserError if it is not readable JSON
+    describing a model (empty, truncated, binary, or another program's file)."""
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(
+            f"{path} is not a readable sslens model description ({error}). It may be truncated or "
+            f"belong to another program; restore it from the run, or train the model again."
+        ) from error
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds a JSON {type(meta).__name__}, not the mapping sslens writes.")
+    return meta
+
+
+def _read_state(path: Path) -> dict:
+    """``state.pt``: plain tensors and numbers only, loaded with ``weights_only=True``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's weights-only unpickler raises any type on corrupt bytes
+        # The error's own advice (weights_only=False) would run arbitrary code: never relayed.
+        raise UserError(
+            f"{path} is not a readable training state ({type(error).__name__}); it may be truncated "
+            f"or not written by sslens. Resume from an older checkpoint, or start the run again."
+        ) from None
+    if not isinstance(state, dict) or not {"optimizer", "epoch", "step", "rng"} <= set(state):
+        raise UserError(f"{path} is not an sslens training state (it lacks optimizer, epoch, step or rng).")
+    return state
+
+
+def _read_weights(model_file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(model_file, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(
+            f"{model_file} is not a readable safetensors file ({error}); it may be truncated. "
+            f"Restore it, or use another checkpoint of the run."
+        ) from error
+
+
+def load_training_state(checkpoint_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights on the CPU, meta, training state) of one checkpoint directory; a UserError when
+    any of its files is unreadable."""
     checkpoint_dir = Path(checkpoint_dir)
     if not _is_complete(checkpoint_dir):
         raise UserError(
             f"{checkpoint_dir} is not a complete checkpoint: it needs {MODEL_FILE}, {META_FILE} "
             f"and {STATE_FILE}."
         )
-    weights = load_file(checkpoint_dir / MODEL_FILE, device="cpu")
-    meta = json.loads((checkpoint_dir / META_FILE).read_text())
-    state = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    weights = _read_weights(checkpoint_dir / MODEL_FILE)
+    meta = read_meta(checkpoint_dir)
+    state = _read_state(checkpoint_dir / STATE_FILE)
     return weights, meta, state
 
 
@@ -347,8 +447,44 @@ def build_method(meta: dict) -> torch.nn.Module:
     missing = [key for key in ("method", "method_options", "backbone", "backbone_options") if key not in meta]
     if missing:
         raise UserError(f"The model meta lacks {', '.join(missing)}; it was not written by sslens.")
-    backbone = create_backbone(meta["backbone"], **meta["backbone_options"])
-    return create_method(meta["method"], backbone, **meta["method_options"])
+    try:
+        backbone = create_backbone(meta["backbone"], **meta["backbone_options"])
+        return create_method(meta["method"], backbone, **meta["method_options"])
+    except UserError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise UserError(f"The model meta describes no model sslens can build: {error}") from error
+
+
+def _check_shapes(meta: dict, model_file: Path) -> None:
+    """Compare the architecture ``meta`` describes with the tensors in ``model_file`` before
+    anything is allocated: the method is built on the meta device (no memory) and the file's
+    header read without its data, so a foreign or edited ``meta.json`` asking for a queue of
+    10¹² keys is refused instead of allocating terabytes."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(model_file), framework="pt") as handle:
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(
+            f"{model_file} is not a readable safetensors file ({error}); it may be truncated. "
+            f"Restore it, or use another checkpoint of the run."
+        ) from error
+    try:
+        with torch.device("meta"):
+            skeleton = build_method(meta)
+    except (RuntimeError, NotImplementedError):
+        return  # a module that cannot be built without memory: the full load below checks it
+    expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    if expected != stored:
+        differ = sorted(k for k in expected.keys() | stored.keys() if expected.get(k) != stored.get(k))
+        shown = "; ".join(f"{k}: meta {expected.get(k)} vs file {stored.get(k)}" for k in differ[:3])
+        raise UserError(
+            f"The weights in {model_file} do not fit a {meta['method']} method on a "
+            f"{meta['backbone']} backbone, which its {META_FILE} describes ({len(differ)} tensors differ: "
+            f"{shown}). The {META_FILE} may belong to another model."
+        )
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -356,14 +492,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
     ``path`` is a run directory (its final model, or its latest checkpoint while training has
     not finished), a model or checkpoint directory, or a ``.safetensors`` file beside its
-    ``meta.json``.
+    ``meta.json``. Unreadable or mismatched files are UserErrors, found before any large
+    allocation (see :func:`_check_shapes`).
     """
-    from safetensors.torch import load_file
-
     model_file = resolve_model_file(path)
-    meta = json.loads((model_file.parent / META_FILE).read_text())
+    meta = read_meta(model_file.parent)
+    _check_shapes(meta, model_file)
     method = build_method(meta)
-    weights = load_file(model_file, device="cpu")
+    weights = _read_weights(model_file)
     try:
         method.load_state_dict(weights, strict=True)
     except RuntimeError as error:

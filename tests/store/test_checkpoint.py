@@ -186,7 +186,8 @@ def test_latest_falls_back_to_the_newest_complete_directory(tmp_path):
     (root / "epoch-0009").mkdir()  # incomplete: no files
     assert RunDir(tmp_path).latest_checkpoint() == root / "epoch-0002"
     (root / "latest").write_text("epoch-0009\n")
-    assert RunDir(tmp_path).latest_checkpoint() == root / "epoch-0002"
+    with pytest.warns(UserWarning, match="'epoch-0009'"):
+        assert RunDir(tmp_path).latest_checkpoint() == root / "epoch-0002"
 
 
 WRITER = textwrap.dedent(

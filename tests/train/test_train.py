@@ -213,8 +213,12 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
     (run / "config.yaml").write_text("method: simclr\n")
+    # Options are checked before the run folder is touched: the old run is not even parked.
     with pytest.raises(UserError, match="Invalid method_options"):
         train(tiny_config(run, method="simclr", method_options={"temperature": -1.0}), overwrite=True)
+    assert (run / "checkpoints" / "epoch-0001").is_dir() and not (run / ".replaced-run").exists()
+    with pytest.raises(UserError, match="Invalid data options"):
+        train(tiny_config(run, method="simclr", data_options={"num_images": 0}), overwrite=True)
     # The new run failed before its first checkpoint: the old one is parked, not deleted,
     # and a further run refuses to start until someone looks at it.
     assert (run / ".replaced-run" / "checkpoints" / "epoch-0001").is_dir()
@@ -282,12 +286,18 @@ def test_resume_rewrites_the_log_atomically(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
+    log = _RunLog(RunDir(tmp_path), resume_step=4)
+    log.write({"kind": "step", "step": 6, "loss": 1.0})
+    # Nothing is rewritten before the resumed run has a checkpoint.
+    assert path.read_text() == history
     with pytest.raises(OSError, match="No space"):
-        _RunLog(RunDir(tmp_path), keep_until_step=4)
+        log.commit()
     assert path.read_text() == history
     monkeypatch.undo()
-    _RunLog(RunDir(tmp_path), keep_until_step=4)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    log.commit()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"kind": "step", "step": 2}, {"kind": "step", "step": 4}, {"kind": "step", "step": 6, "loss": 1.0},
+    ]
 
 
 def test_resume_drops_a_record_torn_by_a_kill(tmp_path):
@@ -296,5 +306,5 @@ def test_resume_drops_a_record_torn_by_a_kill(tmp_path):
 
     path = tmp_path / "log.jsonl"
     path.write_text("".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (2, 4)) + '{"kind": "st')
-    _RunLog(RunDir(tmp_path), keep_until_step=4)
+    _RunLog(RunDir(tmp_path), resume_step=4).commit()
     assert path.read_text() == "".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (2, 4))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sslens.distributed import init_distributed, mean_over_ranks, world
+from sslens.distributed import barrier, init_distributed, mean_over_ranks, world
 from sslens.methods import create_method
 from sslens.models import create_backbone
 from sslens.train.loop import data_parallel, synchronise_batchnorm, train_step
@@ -58,6 +58,10 @@ def main(out: Path) -> None:
         loss = mean_over_ranks({"loss": output.loss.item()}, device)["loss"]
         if current.is_main:
             torch.save({"loss": loss, "state": method.state_dict()}, out / f"{name}.pt")
+    # Leave together: a rank that exits while another is still finishing the last collective
+    # resets its connection, and gloo aborts the other rank (seen on a loaded machine).
+    barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

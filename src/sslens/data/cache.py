@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sslens.atomic import atomic_write_bytes
+from sslens.errors import SslensWarning
 
 
 def user_cache_dir() -> Path:
@@ -49,7 +50,7 @@ def load_cache(path: Path, key: str) -> dict[str, Any] | None:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        warnings.warn(f"Ignoring the unreadable cache {path} ({error}); decoding again.", stacklevel=3)
+        warnings.warn(f"Ignoring the unreadable cache {path} ({error}); decoding again.", SslensWarning, stacklevel=3)
         return None
     if not isinstance(payload, dict) or payload.get("key") != key:
         return None
@@ -67,6 +68,6 @@ def save_cache(path: Path, key: str, payload: dict[str, Any]) -> bool:
     try:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as error:
-        warnings.warn(f"Cannot write the cache {path} ({error}); will decode again next time.", stacklevel=3)
+        warnings.warn(f"Cannot write the cache {path} ({error}); will decode again next time.", SslensWarning, stacklevel=3)
         return False
     return True

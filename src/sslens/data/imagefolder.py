@@ -58,7 +58,7 @@ from sslens.data.base import (
 )
 from sslens.data.cache import load_cache, save_cache, writable_dir
 from sslens.data.images import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_image
-from sslens.errors import DatasetError
+from sslens.errors import DatasetError, SslensWarning
 from sslens.hashing import json_sha256
 
 CACHE_VERSION = 2  # bump when decoding changes, so old caches are rebuilt (2: one to_rgb policy)
@@ -126,11 +126,24 @@ def _class_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _walk(folder: Path) -> list[Path]:
+def _walk(folder: Path, seen: set[str]) -> list[Path]:
+    """Every file under ``folder``, following links to folders but entering each real folder
+    once and listing each real file once (``seen`` holds the real paths listed so far, shared
+    by the class folders), so a link loop or a link to another class cannot repeat images."""
     found = []
+    visited: set[str] = set()
     for parent, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(parent) / name for name in sorted(names))
+        real_parent = os.path.realpath(parent)
+        if real_parent in visited:
+            dirs[:] = []
+            continue
+        visited.add(real_parent)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(parent, d)) not in visited)
+        for name in sorted(names):
+            real = os.path.realpath(os.path.join(parent, name))
+            if real not in seen:
+                seen.add(real)
+                found.append(Path(parent) / name)
     return found
 
 
@@ -164,9 +177,10 @@ def _scan(data_dir: Path, split: str, test_fraction: float, seed: int) -> _Listi
                 f"is enough) or remove them from test. Train classes: {', '.join(class_names)}."
             )
     files, labels, not_images = [], [], []
+    seen: set[str] = set()
     for name in class_names:
         folder = side / name
-        paths = _walk(folder) if folder.is_dir() else []
+        paths = _walk(folder, seen) if folder.is_dir() else []
         images = []
         for path in paths:
             relative = path.relative_to(data_dir).as_posix()
@@ -350,8 +364,7 @@ def _warn_skipped(root: Path, skipped: list[str]) -> None:
         shown = "; ".join(skipped[:_WARN_LIMIT])
         more = f"; and {len(skipped) - _WARN_LIMIT} more" if len(skipped) > _WARN_LIMIT else ""
         warnings.warn(
-            f"Skipped {len(skipped)} file(s) under {root} that are not readable images: {shown}{more}.",
-            stacklevel=4,
+            f"Skipped {len(skipped)} file(s) under {root} that are not readable images: {shown}{more}.", SslensWarning, stacklevel=4,
         )
 
 
@@ -361,8 +374,7 @@ def _warn_empty(root: Path, split: str, class_names: list[str], labels: torch.Te
     if empty:
         warnings.warn(
             f"Class folder(s) with no readable {split} images under {root}: {', '.join(empty)}. "
-            "They keep their label index (so train and test agree) but contribute no images.",
-            stacklevel=4,
+            "They keep their label index (so train and test agree) but contribute no images.", SslensWarning, stacklevel=4,
         )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from sslens.checks import fraction, is_int
 from sslens.data.base import DATASETS, ImageData
+from sslens.errors import DatasetError
 
 ShapeTest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -445,6 +447,21 @@ def split_generator(seed: int, split: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def _check_memory(num_images: int, image_size: int) -> None:
+    """Refuse a request whose images, masks and depth would not fit in half this machine's memory,
+    before rendering any of it (``image_size=20000`` would otherwise swap the machine to a halt)."""
+    needed = num_images * image_size * image_size * (3 + 1 + 4)  # uint8 RGB, bool mask, float32 depth
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return  # no way to tell on this system
+    if needed > memory // 2:
+        raise DatasetError(
+            f"synthetic: {num_images} images of {image_size}x{image_size} px need {needed / 2**30:.1f} GiB, "
+            f"more than half of this machine's {memory / 2**30:.1f} GiB. Lower num_images or image_size."
+        )
+
+
 def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
     if not is_int(value):
         raise TypeError(f"synthetic: {name} must be an int; got {value!r} ({type(value).__name__}).")
@@ -510,6 +527,7 @@ def load_synthetic(
         ("background_saturation", background_saturation),
     ):
         fraction(f"synthetic: {name}", value)
+    _check_memory(num_images, image_size)
 
     params = sample_params(
         num_images, split_generator(seed, split), distractors,

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sslens.atomic import atomic_write_bytes
-from sslens.data.base import load_split
+from sslens.checks import positive_int, positive_number
+from sslens.data.base import load_split, normalize, to_float
 from sslens.device import resolve_device
-from sslens.errors import UserError
+from sslens.errors import SslensWarning, UserError
 from sslens.evaluate.features import FeatureCache
 from sslens.evaluate.quality import evaluate_encoder
 from sslens.evaluate.table import format_results_table
 from sslens.models.adapt import adapt_input
+from sslens.models.health import degenerate_encoder_warning
 from sslens.store import RunDir, load_model
 
 
@@ -31,6 +34,8 @@ class Evaluation:
     result: dict[str, Any]
     text: str
     written: list[Path] = field(default_factory=list)
+    #: (path, why) of each result file that could not be written (a full or read-only disk).
+    failed: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def evaluate_run(
@@ -54,6 +59,13 @@ def evaluate_run(
     data, so a re-evaluation (another k, say) reuses them. The result is written to
     ``RUN/evaluation.json`` when ``path`` is a directory, and to ``json_path`` if given.
     """
+    try:
+        positive_int("--k", k, "200 is the usual choice")
+        positive_number("--temperature", temperature, "0.1 is usual")
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    if json_path is not None and Path(json_path).is_dir():
+        raise UserError(f"--json {json_path} is a folder; pass the path of a file to write, e.g. {Path(json_path) / 'evaluation.json'}.")
     torch_device = resolve_device(device)
     method, meta = load_model(path, device=torch_device)
     if data is not None:
@@ -78,10 +90,19 @@ def evaluate_run(
     encoder = adapt_input(
         method.encoder("pooled"), meta, image_size=train_data.image_size, mean=train_data.mean, std=train_data.std
     )
+    probe, _ = next(test_data.iter_batches(8, shuffle=False, device=torch_device))
+    warning = degenerate_encoder_warning(encoder, normalize(to_float(probe), test_data.mean, test_data.std))
+    if warning is not None:
+        warnings.warn(f"{warning} Its kNN and linear-probe scores are those of a constant.", SslensWarning, stacklevel=2)
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        cache = FeatureCache(RunDir(folder).features_dir)
+    except OSError as error:
+        warnings.warn(f"Evaluating without a feature cache: {error.strerror or error} ({folder}).", SslensWarning, stacklevel=2)
+        cache = None
     result = evaluate_encoder(
         encoder, train_data, test_data, k=k, temperature=temperature, linear=linear,
-        device=torch_device, seed=seed, cache=FeatureCache(RunDir(folder).features_dir),
+        device=torch_device, seed=seed, cache=cache,
     )
     details = result["details"]
     result["model"] = {key: meta[key] for key in ("method", "backbone", "epoch", "step")}
@@ -93,6 +114,11 @@ def evaluate_run(
     payload = json.dumps(result, indent=2).encode()
     destinations = [RunDir(path).evaluation_file] if Path(path).is_dir() else []
     destinations += [Path(json_path)] if json_path is not None else []
+    written, failed = [], []
     for destination in destinations:
-        atomic_write_bytes(destination, payload)
-    return Evaluation(result, text, destinations)
+        try:
+            atomic_write_bytes(destination, payload)
+            written.append(destination)
+        except OSError as error:
+            failed.append((destination, error.strerror or str(error)))
+    return Evaluation(result, text, written, failed)

@@ -66,6 +66,10 @@ class SSLMethod(nn.Module):
         (all, by default; MoCo leaves out its key encoder, which shuffles BN instead)."""
         return [name for name, _ in self.named_children()]
 
+    def check_batch_size(self, batch_size: int, world_size: int) -> None:
+        """Raise a ValueError when the method cannot train on global batches of ``batch_size``
+        split over ``world_size`` processes (checked before a run starts; nothing by default)."""
+
     def on_before_optimizer_step(self, step: int) -> None:
         """Called after backward, before the optimiser steps (e.g. SwAV freezes prototypes)."""
 

@@ -114,6 +114,23 @@ class MoCo(SSLMethod):
         self.key_bn_splits = key_bn_splits
         self.seed = seed
 
+    def check_batch_size(self, batch_size: int, world_size: int) -> None:
+        """Every step enqueues the keys of the global batch (both views' with ``symmetric``),
+        which must fit in the queue; shuffled BN needs two images per BatchNorm group."""
+        keys = batch_size * (2 if self.symmetric else 1)
+        if keys > len(self.queue):
+            raise ValueError(
+                f"MoCo enqueues {keys} keys per step (batch_size {batch_size}"
+                f"{', both views' if self.symmetric else ''}) but queue_size is {len(self.queue)}; "
+                f"use queue_size >= {keys} or a smaller batch."
+            )
+        if (self.key_bn_splits > 1 or world_size > 1) and batch_size // world_size < 2 * self.key_bn_splits:
+            raise ValueError(
+                f"MoCo key_bn_splits={self.key_bn_splits} needs at least {2 * self.key_bn_splits} images "
+                f"per process; batch_size {batch_size} over {world_size} process(es) gives "
+                f"{batch_size // world_size}. Lower key_bn_splits or raise the batch size."
+            )
+
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm keys from the momentum encoder with shuffled BN.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,12 @@ class StudyModel:
             self.method.encoder(output), self.meta, image_size=data.image_size, mean=data.mean, std=data.std
         )
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, root: Path) -> dict[str, Any]:
+        """What ``results.json`` records of the model; its file relative to the study folder ``root``."""
         return {
             "method": self.meta.get("method"),
             "backbone": self.meta.get("backbone"),
-            "model_file": str(self.model_file),
+            "model_file": os.path.relpath(self.model_file, root),
             "weights_sha256": self.weights_sha256,
             "training_seconds": self.training_seconds,
             "source": self.source,

@@ -9,9 +9,10 @@ Layout of the output folder::
     OUT/report.html        the self-contained report
 
 Nothing the reader sees is touched until every stage has finished and every section has been
-drawn: the figures, then ``results.json``, then ``report.html`` are each written atomically at
-the very end. A study that fails midway therefore leaves the previous report byte-identical,
-while the stages it finished stay cached for the next run.
+drawn; then the figures, ``results.json`` and ``report.html`` are written in full beside the old
+ones and replaced together (:func:`publish_outputs`). A study that fails midway, even while
+writing (a full disk), therefore leaves the previous outputs byte-identical, while the stages it
+finished stay cached for the next run. The output folder is locked while a study runs.
 
 Under ``torchrun --nproc_per_node=N -m sslens study ...`` every rank runs every stage: models
 are trained with DDP by all ranks, the explanation experiments split their images across the
@@ -24,7 +25,10 @@ probe. Rank 0 alone reads and writes the cache, writes the figures, ``results.js
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +36,18 @@ from typing import Any, TextIO
 
 import torch
 
-from sslens.atomic import atomic_write_bytes, jsonable, write_json_atomic
+from sslens.atomic import atomic_write_bytes, directory_lock, fsync_directory, json_bytes, jsonable
 from sslens.data.base import load_split
 from sslens.device import resolve_device
 from sslens.distributed import barrier, broadcast_object, init_distributed, world
+from sslens.errors import UserError
 from sslens.hashing import json_sha256
 from sslens.report.html import Section, Table, environment_info, format_cell, render_html
+from sslens.store import build_method
 from sslens.study.cache import CACHE_VERSION, StageCache, StageResult
 from sslens.study.context import StudyContext
 from sslens.study.experiments import EXPERIMENTS, stage_inputs
+from sslens.study.explainers import build_explainer
 from sslens.study.models import prepare_model
 from sslens.study.progress import StudyProgress
 from sslens.study.sections import TRADEOFF_COLUMNS, tradeoff_rows
@@ -78,6 +85,22 @@ def run_study(
     out = Path(out)
     device = init_distributed(resolve_device(config.device))
     main = world().is_main
+    with contextlib.ExitStack() as held:
+        # Rank 0 writes the outputs, so rank 0 holds the folder; a refusal reaches every rank.
+        refusal = None
+        if main:
+            try:
+                held.enter_context(directory_lock(out, "running a study"))
+            except UserError as error:
+                refusal = str(error)
+        refusal = broadcast_object(refusal)
+        if refusal is not None:
+            raise UserError(refusal)
+        return _run(config, out, device, started, progress, stream)
+
+
+def _run(config: StudyConfig, out: Path, device: torch.device, started: float, progress, stream) -> StudyOutcome:
+    main = world().is_main
     cache = StageCache(out / "cache")
     total = 2 + len(config.models) + len(_per_model(config)) * len(config.models)
     with StudyProgress(total, bar=progress, stream=stream, quiet=not main) as display:
@@ -98,10 +121,17 @@ def run_study(
                              resume=resume, overwrite=overwrite)
 
         for spec in config.models:
+            if spec.train is not None:
+                # Before minutes of training: an explainer option the architecture cannot take
+                # (a Grad-CAM layer it lacks, say) fails now.
+                check_explainers(config, spec.name, build_method(_architecture(spec.train)).encoder("pooled"))
+        for spec in config.models:
             with display.stage(f"model {spec.name}"):
                 ctx.models[spec.name] = prepare_model(
                     spec, out / "models", device, train_fn=train_fn, say=display.message
                 )
+            if spec.train is None:
+                check_explainers(config, spec.name, ctx.models[spec.name].encoder("pooled", ctx.test_data))
         for name in _per_model(config):
             inputs = stage_inputs(ctx, name)
             for model in ctx.models.values():
@@ -123,6 +153,27 @@ def run_study(
     return StudyOutcome(
         out / "report.html", out / "results.json", tradeoff_rows(ctx), time.perf_counter() - started
     )
+
+
+def _architecture(train_config) -> dict:
+    """What :func:`sslens.store.build_method` needs to build ``train_config``'s untrained method."""
+    options = dict(train_config.method_options)
+    return {"method": train_config.method, "method_options": options, "backbone": train_config.backbone,
+            "backbone_options": train_config.backbone_options}
+
+
+def check_explainers(config: StudyConfig, model: str, encoder: torch.nn.Module) -> None:
+    """Build every explainer the study's experiments will run on ``encoder``, with the study's
+    options, so that an option this model cannot take fails before any stage runs."""
+    names = {name for name in config.explainers}
+    for experiment in _per_model(config):
+        names |= set(EXPERIMENTS.get(experiment).explainers_used(config.settings.get(experiment, {})))
+    for name in sorted(names):
+        try:
+            build_explainer(name, encoder, config.explainers.get(name, {}), seed=config.seed,
+                            mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        except UserError as error:
+            raise UserError(f"Model {model!r}: {error}") from error
 
 
 def _run_stage(ctx: StudyContext, name: str, model) -> StageResult:
@@ -154,7 +205,7 @@ def write_report(ctx: StudyContext, out: Path) -> tuple[Path, Path]:
         "title": ctx.config.title,
         "seed": ctx.seed,
         "device": str(ctx.device),
-        "models": {name: model.describe() for name, model in ctx.models.items()},
+        "models": {name: model.describe(out) for name, model in ctx.models.items()},
         "experiments": {
             name: {model: output.results for model, output in outputs.items()}
             for name, outputs in ctx.outputs.items()
@@ -170,12 +221,53 @@ def write_report(ctx: StudyContext, out: Path) -> tuple[Path, Path]:
     document = render_html(
         title=ctx.config.title, sections=sections, config=ctx.config.to_dict(), environment=environment
     )
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    for file, png in figures.items():
-        atomic_write_bytes(out / "figures" / file, png)
-    write_json_atomic(out / "results.json", results)
-    atomic_write_bytes(out / "report.html", document.encode("utf-8"))
+    staged = {f"figures/{file}": png for file, png in figures.items()}
+    staged["results.json"] = json_bytes(results)
+    staged["report.html"] = document.encode("utf-8")
+    publish_outputs(out, staged)
     return out / "report.html", out / "results.json"
+
+
+#: What a study shows its reader, replaced together by :func:`publish_outputs`.
+OUTPUTS = ("figures", "results.json", "report.html")
+
+
+def publish_outputs(out: Path, files: dict[str, bytes]) -> None:
+    """Replace the study's figures, ``results.json`` and ``report.html`` as one unit.
+
+    Everything is written in full into ``OUT/.outputs-new`` first (a full disk fails there and
+    touches nothing the reader sees); only then are the old outputs moved aside and the new ones
+    renamed into place, which needs no space, and on any error the old ones are moved back. A
+    study therefore never leaves new results beside an old report.
+    """
+    staging, previous = out / ".outputs-new", out / ".outputs-old"
+    for folder in (staging, previous):
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        for name, data in files.items():
+            atomic_write_bytes(staging / name, data)
+        (staging / "figures").mkdir(exist_ok=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous.mkdir()
+    try:
+        for name in OUTPUTS:
+            if (out / name).exists():
+                os.replace(out / name, previous / name)
+        for name in OUTPUTS:
+            os.replace(staging / name, out / name)
+    except BaseException:
+        for name in OUTPUTS:
+            if (previous / name).exists():
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                os.replace(previous / name, out / name)
+        raise
+    finally:
+        fsync_directory(out)
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def format_tradeoff(rows: list[dict[str, Any]]) -> str:

@@ -53,7 +53,8 @@ class ModelSpec:
     #: layout of a published checkpoint file (moco, swav, simclr, torchvision, timm), imported
     #: on first use; None for an sslens model directory or run.
     format: str | None = None
-    arch: str = "resnet50"
+    #: the ResNet of the checkpoint; None: read from its keys.
+    arch: str | None = None
     timm_name: str | None = None
 
 

@@ -11,6 +11,7 @@ message lists the valid choices, before any data is loaded.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import types
 import typing
@@ -32,6 +33,10 @@ from sslens.models.base import BACKBONES
 from sslens.train.optim import OPTIMIZERS
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+#: The largest training image side: views are whole batches on the device, and a 2048² batch of
+#: 256 already needs 12 GB of pixels before any activation.
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass
@@ -125,6 +130,7 @@ class TrainConfig:
         if self.out is None:
             self.out = f"runs/{self.method}-{self.data}"
         _check_names(self)
+        _check_option_names(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,7 +153,7 @@ def _non_negative(value: float) -> bool:
 
 
 _RANGES: tuple[tuple[str, Any, str], ...] = (
-    ("image_size", lambda v: v >= 8, "at least 8 pixels"),
+    ("image_size", lambda v: 8 <= v <= MAX_IMAGE_SIZE, f"between 8 and {MAX_IMAGE_SIZE} pixels"),
     ("epochs", _positive, "a positive number of epochs"),
     ("batch_size", lambda v: v >= 2, "at least 2 (contrastive losses need other images as negatives)"),
     ("lr", _positive, "positive"),
@@ -155,7 +161,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("warmup_epochs", _non_negative, "zero or positive"),
     ("min_lr", _non_negative, "zero or positive"),
-    ("seed", _non_negative, "zero or positive"),
+    ("seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2³²)"),
     ("knn_every", _non_negative, "zero (off) or a positive number of epochs"),
     ("knn_k", _positive, "a positive number of neighbours"),
     ("knn_temperature", _positive, "positive"),
@@ -185,6 +191,35 @@ def _check_names(config: TrainConfig) -> None:
             raise UserError(
                 f"Unknown {key} {value!r} in the config.{suggestion(value, valid)} Valid choices: {', '.join(valid)}."
             )
+
+
+def _option_names(factory: Callable[..., Any], given_elsewhere: tuple[str, ...]) -> list[str] | None:
+    """The keyword options ``factory`` takes, less those the loop passes itself; None when it
+    takes any keyword (``**options``), so every name is valid."""
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return [name for name in parameters if name not in given_elsewhere]
+
+
+def _check_option_names(config: TrainConfig) -> None:
+    """Every key of the four option mappings must be an option of what it configures, checked
+    before anything is built, with the valid names and the closest one in the message."""
+    method = METHODS.get(config.method)
+    sections = {
+        "method_options": (method, ("backbone",)),
+        "backbone_options": (BACKBONES.get(config.backbone), ()),
+        "views_options": (VIEW_RECIPES.get(config.views or method.default_views), ("image_size", "mean", "std")),
+        "data_options": (DATASETS.get(config.data), ("split",)),
+    }
+    for key, (factory, given_elsewhere) in sections.items():
+        valid = _option_names(factory, given_elsewhere)
+        for option in getattr(config, key):
+            if valid is not None and option not in valid:
+                raise UserError(
+                    f"Unknown option {option!r} in {key}.{suggestion(option, valid)} "
+                    f"Valid {key}: {', '.join(valid) or 'none'}."
+                )
 
 
 def _type_name(hint: Any) -> str:
@@ -275,7 +310,11 @@ def resolve_config_path(path_or_name: str | Path) -> Path:
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = resolve_config_path(path)
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error}); save the config as UTF-8.") from error
+    except OSError as error:
+        raise UserError(f"Cannot read {path}: {error.strerror or error}.") from error
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {error}") from error
     if content is None:

@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 
-from sslens.atomic import atomic_write_bytes
+from sslens.atomic import atomic_write_bytes, directory_lock
 from sslens.data.augment import VIEW_RECIPES, create_views
 from sslens.data.base import data_fingerprint
 from sslens.device import resolve_device
@@ -54,7 +55,7 @@ from sslens.distributed import (
     mean_over_ranks,
     world,
 )
-from sslens.errors import UserError
+from sslens.errors import SslensWarning, UserError
 from sslens.evaluate.features import extract_features, labels_of
 from sslens.evaluate.knn import knn_top1
 from sslens.methods.base import METHODS, create_method
@@ -68,7 +69,7 @@ from sslens.train.progress import Progress
 REPLACED_DIR = ".replaced-run"
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
     """Train ``config.method`` and return the run directory (``config.out``).
 
     Writes ``RUN/config.yaml``, ``RUN/log.jsonl``, checkpoints under ``RUN/checkpoints/`` and
@@ -76,18 +77,29 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
 
     Args:
         config: the resolved training config.
-        resume: continue from the latest checkpoint in ``config.out``; the config must describe
-            the same method and backbone (``epochs`` may grow: the cosine schedule then
-            stretches over the new length from the resumed step).
+        resume: continue from the latest readable checkpoint in ``config.out`` (an unreadable
+            newest one is skipped with a warning). The config must describe the same training
+            as the checkpoint's; only the run's length (``epochs`` may grow: the cosine schedule
+            then stretches over the new length from the resumed step), logging, checkpointing,
+            the monitor and the device may change. ``config.yaml`` and the log are rewritten
+            only once the resumed run has written its first checkpoint, so a resume that fails
+            early leaves the run as it was.
         overwrite: replace a run already in ``config.out``. Its files are parked in
             ``RUN/.replaced-run`` and deleted once the new run has written a checkpoint.
+        allow_changes: with ``resume``, accept a config that differs from the checkpoint's in
+            other keys too (optimiser, learning rate, batch size, data, views, ...).
 
-    A new run refuses a non-empty ``config.out`` unless one of the two flags is given.
-    ``max_steps`` may end the run mid-epoch: the final model is then saved, but no checkpoint
-    is written for the unfinished epoch.
+    A new run refuses a non-empty ``config.out`` unless one of the two flags is given. The run
+    folder is locked for the whole run, so a second process on the same ``--out`` is refused.
+    Everything that can be checked without data (options, the batch against the method, the
+    resumed config) is checked before the run folder is touched. ``max_steps`` may end the run
+    mid-epoch: the final model is then saved, but no checkpoint is written for the unfinished
+    epoch.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig (see sslens.train.load_config); got {type(config).__name__}")
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; pass only one.")
     run = RunDir(config.out)
     device = init_distributed(resolve_device(config.device))
     current = world()
@@ -96,62 +108,97 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
             f"batch_size {config.batch_size} is the global batch and must divide evenly over the "
             f"{current.size} processes; use a multiple of {current.size}."
         )
-    _on_main(lambda: _prepare_run_dir(run, resume=resume, overwrite=overwrite))
-
-    with _kernel_settings(config.deterministic, device):
-        torch.manual_seed(config.seed)
-        setup = _Setup.build(config, device)
-        method, optimizer, recipe = setup.method, setup.optimizer, setup.recipe
-        epoch, step = _restore(run, setup) if resume else (0, 0)
-        log = _RunLog(run, keep_until_step=step if resume else None) if current.is_main else None
-        if current.is_main:
-            save_config(config, run.config_file)
-        if config.compile:
-            for module in method.children():
-                module.compile()
-        model = data_parallel(method, device) if current.distributed else method
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-        total_steps, warmup_steps = setup.total_steps, setup.warmup_steps
-        images_per_step = config.batch_size
-
-        with Progress(total_steps, initial_step=step, bar=config.progress, silent=not current.is_main) as progress:
-            if epoch > 0:
-                progress.message(f"resumed {run.path} at epoch {epoch}, step {step}")
-            while epoch < config.epochs and step < total_steps:
-                method.train()
-                # Each rank draws its own views: rank r's seed is offset by r · 2^32.
-                generator = torch.Generator(device=device).manual_seed(_epoch_seed(config.seed, epoch) + current.rank * 2**32)
-                epoch_meter, window = _Meter(device), _Meter(device)
-                lr = config.lr
-                for images, _ in setup.batches(epoch):
-                    lr = lr_at(step, total_steps, warmup_steps, config.lr, config.min_lr)
-                    set_lr(optimizer, lr)
-                    output = train_step(method, optimizer, recipe(images, generator), step, total_steps, autocast=autocast, model=model)
-                    step += 1
-                    for meter in (epoch_meter, window):
-                        meter.add(output.loss, output.metrics, images_per_step)
-                    progress.advance()
-                    if step % config.log_every == 0:
-                        _emit({"kind": "step", "epoch": epoch + 1, "step": step, "lr": lr, **window.read()}, log, progress)
-                        window.reset()
-                    if step >= total_steps:
-                        break
-                finished_epoch = epoch_meter.steps == setup.steps_per_epoch
-                epoch += 1
-                record = {"kind": "epoch", "epoch": epoch, "step": step, "lr": lr, **epoch_meter.read()}
-                record["epoch_time_s"] = time.perf_counter() - epoch_meter.started
-                if setup.test_data is not None and (epoch % config.knn_every == 0 or epoch == config.epochs):
-                    record["knn_top1"] = _knn_monitor(method, setup.train_data, setup.test_data, config, device)
-                _emit(record, log, progress)
-                if finished_epoch and (epoch % config.checkpoint_every == 0 or epoch == config.epochs) and current.is_main:
-                    run.save_checkpoint(method, setup.meta(epoch, step), _training_state(optimizer, epoch, step, setup), keep=config.keep_checkpoints)
-                    _drop_replaced(run)
-        if current.is_main:
-            run.save_model(method, setup.meta(epoch, step))
-            _drop_replaced(run)
-        # No rank returns before the model is on disk: callers (the study) read it next.
-        barrier()
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"--out {run.path} is a file; pass a directory for the run.")
+    torch.manual_seed(config.seed)
+    method, method_options = _build_method(config)
+    with contextlib.ExitStack() as held:
+        # Rank 0 writes the run, so rank 0 holds its lock; a refusal reaches every rank.
+        _on_main(lambda: held.enter_context(directory_lock(run.path, "training a run")))
+        _on_main(lambda: _prepare_run_dir(run, resume=resume, overwrite=overwrite))
+        checkpoint = _resume_from(run, config, method_options, allow_changes) if resume else None
+        with _kernel_settings(config.deterministic, device):
+            _train(run, config, _Setup.build(config, device, method, method_options), checkpoint)
     return run.path
+
+
+def _train(run: RunDir, config: TrainConfig, setup: _Setup, checkpoint: Path | None) -> None:
+    """The loop: epochs of steps, a log record every ``log_every`` steps and per epoch, a
+    checkpoint every ``checkpoint_every`` epochs and after the last, then the final model."""
+    current, device = world(), setup.device
+    method, optimizer, recipe = setup.method, setup.optimizer, setup.recipe
+    epoch, step = _restore(checkpoint, setup) if checkpoint is not None else (0, 0)
+    log = _RunLog(run, resume_step=step if checkpoint is not None else None) if current.is_main else None
+    if current.is_main and checkpoint is None:
+        save_config(config, run.config_file)
+    if config.compile:
+        for module in method.children():
+            module.compile()
+    model = data_parallel(method, device) if current.distributed else method
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    total_steps, warmup_steps = setup.total_steps, setup.warmup_steps
+
+    def written() -> None:
+        """After a checkpoint or the model is on disk: what a resumed run deferred, and the
+        parked old run, may go."""
+        if checkpoint is not None and not log.committed:
+            save_config(config, run.config_file)
+        log.commit()
+        _drop_replaced(run)
+
+    with Progress(total_steps, initial_step=step, bar=config.progress, silent=not current.is_main) as progress:
+        if epoch > 0:
+            progress.message(f"resumed {run.path} at epoch {epoch}, step {step}")
+        while epoch < config.epochs and step < total_steps:
+            method.train()
+            # Each rank draws its own views: rank r's seed is offset by r · 2^32.
+            generator = torch.Generator(device=device).manual_seed(_epoch_seed(config.seed, epoch) + current.rank * 2**32)
+            epoch_meter, window = _Meter(device), _Meter(device)
+            lr = config.lr
+            for images, _ in setup.batches(epoch):
+                lr = lr_at(step, total_steps, warmup_steps, config.lr, config.min_lr)
+                set_lr(optimizer, lr)
+                output = train_step(method, optimizer, recipe(images, generator), step, total_steps, autocast=autocast, model=model)
+                step += 1
+                for meter in (epoch_meter, window):
+                    meter.add(output.loss, output.metrics, config.batch_size)
+                progress.advance()
+                if step % config.log_every == 0:
+                    _emit({"kind": "step", "epoch": epoch + 1, "step": step, "lr": lr, **window.read()}, log, progress)
+                    window.reset()
+                if step >= total_steps:
+                    break
+            finished_epoch = epoch_meter.steps == setup.steps_per_epoch
+            epoch += 1
+            record = {"kind": "epoch", "epoch": epoch, "step": step, "lr": lr, **epoch_meter.read()}
+            record["epoch_time_s"] = time.perf_counter() - epoch_meter.started
+            if setup.test_data is not None and (epoch % config.knn_every == 0 or epoch == config.epochs):
+                record["knn_top1"] = _knn_monitor(method, setup.train_data, setup.test_data, config, device)
+            _emit(record, log, progress)
+            if finished_epoch and (epoch % config.checkpoint_every == 0 or epoch == config.epochs) and current.is_main:
+                run.save_checkpoint(
+                    method, setup.meta(epoch, step), _training_state(optimizer, epoch, step, setup),
+                    keep=config.keep_checkpoints,
+                )
+                written()
+    if current.is_main:
+        run.save_model(method, setup.meta(epoch, step))
+        written()
+    # No rank returns before the model is on disk: callers (the study) read it next.
+    barrier()
+
+
+def _build_method(config: TrainConfig) -> tuple[Any, dict]:
+    """The method ``config`` trains (on the CPU) and its options with the default seed filled in;
+    option errors, and a batch the method cannot train on, are UserErrors raised before any file
+    is written."""
+    method_options = _with_default_seed(METHODS.get(config.method), config.method_options, config.seed)
+    with _user_input("backbone_options"):
+        backbone = create_backbone(config.backbone, **config.backbone_options)
+    with _user_input("method_options"):
+        method = create_method(config.method, backbone, **method_options)
+        method.check_batch_size(config.batch_size, world().size)
+    return method, method_options
 
 
 @dataclass
@@ -173,14 +220,9 @@ class _Setup:
     warmup_steps: int
 
     @classmethod
-    def build(cls, config: TrainConfig, device: torch.device) -> _Setup:
+    def build(cls, config: TrainConfig, device: torch.device, method: Any, method_options: dict) -> _Setup:
         train_data = config.data_split("train", device)
         test_data = config.data_split("test", device) if config.knn_every > 0 else None
-        method_options = _with_default_seed(METHODS.get(config.method), config.method_options, config.seed)
-        with _user_input("backbone_options"):
-            backbone = create_backbone(config.backbone, **config.backbone_options)
-        with _user_input("method_options"):
-            method = create_method(config.method, backbone, **method_options)
         on_cuda = device.type == "cuda"
         method = method.to(device, memory_format=torch.channels_last) if on_cuda else method.to(device)
         if world().distributed and config.sync_batchnorm:
@@ -241,15 +283,67 @@ class _Setup:
         }
 
 
-def _restore(run: RunDir, setup: _Setup) -> tuple[int, int]:
-    """Load the latest checkpoint's weights, optimiser and RNG states; its (epoch, step)."""
-    checkpoint = run.latest_checkpoint()
-    weights, meta, state = load_training_state(checkpoint)
-    _check_same_architecture(setup.config, meta, setup.method_options, checkpoint)
+def _restore(checkpoint: Path, setup: _Setup) -> tuple[int, int]:
+    """Load ``checkpoint``'s weights, optimiser and RNG states; its (epoch, step)."""
+    weights, _, state = load_training_state(checkpoint)
     setup.method.load_state_dict(weights)
     setup.optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     return int(state["epoch"]), int(state["step"])
+
+
+#: Config keys a resumed run may change: how long it runs and what it logs, checkpoints,
+#: monitors and runs on. Any other change would train something else than the checkpoint did.
+RESUMABLE_CHANGES = (
+    "epochs", "max_steps", "out", "progress", "device", "compile", "knn_every", "knn_k", "knn_temperature",
+    "log_every", "checkpoint_every", "keep_checkpoints",
+)
+
+
+def _resume_from(run: RunDir, config: TrainConfig, method_options: dict, allow_changes: bool) -> Path:
+    """The checkpoint to resume from: the newest readable one whose training ``config`` continues.
+
+    An unreadable newest checkpoint (a torn file) is skipped with a warning for the next older
+    complete one, which ``keep_checkpoints`` keeps for exactly this.
+    """
+    for checkpoint in reversed(run.checkpoints()):
+        try:
+            _, meta, state = load_training_state(checkpoint)
+        except UserError as error:
+            warnings.warn(f"Skipping the unreadable checkpoint {checkpoint.name}: {error}", SslensWarning, stacklevel=3)
+            continue
+        _check_same_architecture(config, meta, method_options, checkpoint)
+        _check_same_training(config, meta.get("config"), int(state["epoch"]), checkpoint, allow_changes)
+        return checkpoint
+    raise UserError(
+        f"Cannot resume {run.path}: none of its checkpoints is readable. Start the run again with "
+        f"--overwrite (the old files are deleted only after the new run's first checkpoint)."
+    )
+
+
+def _check_same_training(
+    config: TrainConfig, stored: dict | None, epoch: int, checkpoint: Path, allow_changes: bool
+) -> None:
+    if config.epochs < epoch:
+        raise UserError(
+            f"{checkpoint} has already trained {epoch} epochs, more than --epochs {config.epochs}. "
+            f"Pass --epochs {epoch} or more to continue it."
+        )
+    if stored is None or allow_changes:
+        return
+    current = config.to_dict()
+    differences = [
+        f"{key}: checkpoint {stored.get(key)!r}, now {current[key]!r}"
+        for key in current
+        if key not in RESUMABLE_CHANGES and stored.get(key) != current[key]
+    ]
+    if differences:
+        raise UserError(
+            f"Cannot resume from {checkpoint}: its run was trained with another config "
+            f"({'; '.join(differences)}). Resume with the run's own config (omit --config to reuse "
+            f"RUN/config.yaml), pass --allow-changes to continue with the new values on purpose, or "
+            f"start a new run in another --out."
+        )
 
 
 def _training_state(optimizer: torch.optim.Optimizer, epoch: int, step: int, setup: _Setup) -> dict[str, Any]:
@@ -300,17 +394,12 @@ def _prepare_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
     The parked run is deleted only once the new run has written its first checkpoint (see
     :func:`_drop_replaced`), so an interrupted ``--overwrite`` never loses the old checkpoints.
     """
-    if resume and overwrite:
-        raise UserError("--resume continues the run in --out and --overwrite replaces it; pass only one.")
     run_dir = run.path
+    run.clean_leftovers()
     if resume:
         if run.latest_checkpoint() is None:
-            raise UserError(
-                f"Nothing to resume: {run_dir} holds no checkpoint. Drop --resume to start a new run there."
-            )
+            raise nothing_to_resume(run)
         return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file; pass a directory for the run.")
     parked = run_dir / REPLACED_DIR
     if parked.exists():
         raise UserError(
@@ -332,6 +421,17 @@ def _prepare_run_dir(run: RunDir, *, resume: bool, overwrite: bool) -> None:
     parked.mkdir()
     for entry in entries:
         os.replace(entry, parked / entry.name)
+
+
+def nothing_to_resume(run: RunDir) -> UserError:
+    """The one answer to ``--resume`` where there is no checkpoint yet."""
+    started = run.config_file.is_file()
+    why = "it stopped before its first checkpoint" if started else "it holds no run"
+    advice = (
+        f"start it again with --overwrite --out {run.path} (the same config)" if started
+        else f"drop --resume to start a new run in {run.path}"
+    )
+    return UserError(f"Nothing to resume in {run.path}: {why}. To train, {advice}.")
 
 
 def _drop_replaced(run: RunDir) -> None:
@@ -397,23 +497,42 @@ def _check_same_architecture(config: TrainConfig, meta: dict, method_options: di
 
 
 class _RunLog:
-    """``RUN/log.jsonl``: one JSON object per line, flushed as it is written."""
+    """``RUN/log.jsonl``: one JSON object per line, flushed as it is written.
 
-    def __init__(self, run: RunDir, *, keep_until_step: int | None):
+    A new run starts an empty log. A resumed run keeps its records up to the resumed step and
+    holds its new ones back until :meth:`commit` (called once it has written a checkpoint),
+    which rewrites the file atomically: a resume that fails before then leaves the log whole,
+    and a kill during the rewrite leaves the old file. A record torn by a kill mid-write
+    cannot be read back and is dropped.
+    """
+
+    def __init__(self, run: RunDir, *, resume_step: int | None):
         self.path = run.log_file
-        if keep_until_step is not None and self.path.exists():
-            # A resumed run repeats the steps after its checkpoint; drop their old records.
-            # Atomically: a kill during a plain rewrite would lose the run's whole history.
-            # A record torn by a kill mid-write cannot be read back; dropping it beats refusing
-            # to resume.
-            kept = [record for record in run.read_log() if record["step"] <= keep_until_step]
-            atomic_write_bytes(self.path, "".join(json.dumps(record) + "\n" for record in kept).encode())
-        elif keep_until_step is None:
+        self.pending: list[dict] | None = None
+        if resume_step is None:
             self.path.write_text("")
+        else:
+            self.kept = [record for record in run.read_log() if record["step"] <= resume_step]
+            self.pending = []
+
+    @property
+    def committed(self) -> bool:
+        return self.pending is None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.pending is not None:
+            self.pending.append(record)
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def commit(self) -> None:
+        """Write the kept and the held-back records, atomically (once)."""
+        if self.pending is None:
+            return
+        records = self.kept + self.pending
+        atomic_write_bytes(self.path, "".join(json.dumps(record) + "\n" for record in records).encode())
+        self.pending = None
 
 
 class _Meter:
