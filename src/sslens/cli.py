@@ -262,7 +262,7 @@ def _run_study_command(config, out: Path, progress: bool | None) -> None:
     outcome = run_study(config, out, progress="auto" if progress is None else progress)
     # Under torchrun every rank returns the same outcome; rank 0 tells it.
     if world().is_main:
-        typer.echo(format_tradeoff(outcome.tradeoff))
+        typer.echo(format_tradeoff(outcome.tradeoff, outcome.tradeoff_columns))
         typer.echo(f"Report: {outcome.report} (numbers in {outcome.results}; {outcome.seconds:.0f} s)")
 
 

@@ -167,7 +167,7 @@ def test_each_rank_explains_its_share_under_the_names_of_the_whole_list(tmp_path
 
 def _study_config(model_dir: Path) -> dict:
     return {
-        "title": "distributed", "device": "cpu",
+        "title": "distributed", "device": "cpu", "random_init": False,
         "dataset": {"train_options": {"num_images": 8}, "test_options": {"num_images": 24}},
         "models": [{"name": "tiny", "checkpoint": str(model_dir)}],
         "explainers": {"relax": {"num_masks": 8}, "perceptual": {"num_masks": 4}},
@@ -297,7 +297,9 @@ def test_study_on_two_processes_matches_one(two_processes, model_dir, tmp_path, 
         arrays_one, arrays_two = (read_npz(out / "cache" / "tiny" / f"{name}.npz") for out in (tmp_path, folder / "study"))
         assert set(arrays_two) == set(arrays_one)
         for key in arrays_one:
-            np.testing.assert_allclose(arrays_two[key], arrays_one[key], rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
+            # Maps tightly; per-image metrics to assert_same's 5e-3 (a thresholded metric flips a pixel).
+            atol = 5e-3 if key.startswith("items__") else 1e-6
+            np.testing.assert_allclose(arrays_two[key], arrays_one[key], rtol=1e-5, atol=atol, err_msg=f"{name} {key}")
 
     ranks = [json.loads((folder / "study" / f"rank{r}.json").read_text()) for r in (0, 1)]
     # The images were split, not explained twice: the two shares add up to one process's work.

@@ -21,6 +21,7 @@ from sslens.report import (
     heatmap_grid,
     invariance_table_figure,
     render_report,
+    scatter_figure,
     tsne_figure,
 )
 from sslens.report import html as report_html
@@ -139,6 +140,8 @@ def test_numbers_are_formatted_consistently(tmp_path):
     assert '<td class="num">–</td>' in text  # NaN
     assert format_cell(1) == "1" and format_cell(True) == "yes" and format_cell(None) == "–"
     assert format_cell(np.float32(0.12345)) == "0.123"
+    estimate = {"mean": 0.662, "ci_low": 0.62, "ci_high": 0.7031, "n": 512, "unit": "test samples"}
+    assert format_cell(estimate) == "0.662 [0.620, 0.703]"
 
 
 def test_a_failing_render_leaves_the_previous_report_byte_identical(tmp_path):
@@ -184,7 +187,10 @@ def test_table_rows_must_match_columns():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: bar_chart({"SimCLR": {"color": (0.5, 0.1), "shape": (0.3, 0.05)}, "MoCo": {"color": (0.4, 0.1)}}),
+    lambda: bar_chart({"SimCLR": {"color": (0.5, 0.4, 0.6), "shape": {"mean": 0.3, "ci_low": 0.25, "ci_high": 0.35}},
+                       "MoCo": {"color": (0.4, 0.3, 0.5)}}, reference={"color": 0.1}),
+    lambda: scatter_figure({"SimCLR": ((0.6, 0.55, 0.65), (0.5, 0.45, 0.55)), "MoCo": ((0.5, 0.4, 0.6), None)},
+                           xlabel="top-1", ylabel="IoU", reference=(0.1, 0.33)),
     lambda: heatmap_grid([
         ("SimCLR", [("image", np.zeros((8, 8, 3), np.uint8), None),
                     ("RELAX", np.zeros((8, 8, 3), np.uint8), np.random.default_rng(0).random((8, 8)))]),

@@ -18,7 +18,6 @@ from sslens.cli import main
 from sslens.errors import UserError
 from sslens.explain.base import EXPLAINERS, Explainer, Explanation
 from sslens.study import DEFAULT_EXPERIMENTS, EXPERIMENTS, load_study_config, run_study
-from sslens.study.sections import TRADEOFF_COLUMNS
 
 
 @EXPLAINERS.register("test_brightness")
@@ -149,37 +148,82 @@ def test_report_has_every_section_with_decodable_figures(finished):
 
 
 def test_tradeoff_table_has_one_row_per_model_matching_results_json(finished):
+    from sslens.report.html import format_cell
+
     out, outcome = finished
     html = (out / "report.html").read_text()
     results = json.loads((out / "results.json").read_text())
     rows = results["tradeoff"]
-    assert [row["model"] for row in rows] == ["simclr", "moco"]
+    # The trained models, the random-weight floor and the chance levels.
+    assert [row["model"] for row in rows] == ["simclr", "moco", "random-init", "chance"]
     assert rows == json.loads(json.dumps(outcome.tradeoff))
     section = html.split(f"<h2>{EXPERIMENTS.get('tradeoff').title}</h2>")[1].split("</table>")[0]
     html_rows = re.findall(r"<tr>(.*?)</tr>", section)[1:]
-    assert len(html_rows) == 2
+    assert len(html_rows) == 4
     for row, html_row in zip(rows, html_rows, strict=True):
         cells = re.findall(r"<td[^>]*>(.*?)</td>", html_row)
-        for key, cell in zip(TRADEOFF_COLUMNS, cells, strict=True):
-            value = row[key]
-            expected = f"{value:.3f}" if isinstance(value, float) else str(value)
-            assert cell == expected, key
+        for key, cell in zip(outcome.tradeoff_columns, cells, strict=True):
+            assert cell.removesuffix(" ▲") == format_cell(row[key]).replace("<", "&lt;"), key
     assert rows[0]["linear_top1"] == results["experiments"]["quality"]["simclr"]["linear_top1"]
+    knn = rows[0]["knn_top1"]
+    assert knn["n"] == 48 and knn["unit"] == "test samples" and knn["method"] == "wilson"
+    assert knn["ci_low"] < knn["mean"] < knn["ci_high"]
+    assert rows[-1]["knn_top1"]["mean"] == pytest.approx(1 / 8)  # eight shape classes
 
 
 def test_invariance_has_a_retest_column_left_out_of_the_tradeoff_mean(finished):
     out, outcome = finished
     results = json.loads((out / "results.json").read_text())
     augmentations = ["hflip", "vflip", "rot15", "grayscale"]
-    for model, row in zip(["simclr", "moco"], results["tradeoff"], strict=True):
+    for model, row in zip(["simclr", "moco"], results["tradeoff"][:2], strict=True):
         invariance = results["experiments"]["invariance"][model]
-        assert list(invariance) == [*augmentations, "retest"]
+        assert list(invariance) == [*augmentations, "retest", "average", "chance", "num_images"]
         # Other masks give another map: RELAX's own noise keeps the retest below a perfect 1.
-        assert 0 < invariance["retest"]["iou_mean"] < 1
-        assert row["invariance_iou"] == pytest.approx(np.mean([invariance[a]["iou_mean"] for a in augmentations]))
+        assert 0 < invariance["retest"]["iou"]["mean"] < 1
+        assert row["invariance_iou"]["mean"] == pytest.approx(
+            np.mean([invariance[a]["iou"]["mean"] for a in augmentations]))
+        # A constant map is trivially invariant; a random one scores about 1/3.
+        assert invariance["chance"]["constant map"]["iou"]["mean"] in (None, 1.0)
+        assert 0.2 < invariance["chance"]["random map"]["iou"]["mean"] < 0.45
     table = results["tables"]["invariance"][0]
-    assert table["columns"] == ["model", *augmentations, "retest"]
+    assert table["columns"] == ["model", *augmentations, "average", "retest"]
     assert "Retest" in table["caption"]
+
+
+def test_results_json_validates_against_its_documented_schema(finished):
+    import pathlib
+
+    import jsonschema
+
+    out, _ = finished
+    schema = json.loads((pathlib.Path(__file__).parents[2] / "docs" / "results.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    results = json.loads((out / "results.json").read_text())
+    validator.validate(results)
+    # Every metric is an estimate: one without its interval breaks the schema.
+    broken = copy.deepcopy(results)
+    del broken["experiments"]["faithfulness"]["simclr"]["relax"]["deletion_auc"]["ci_low"]
+    assert not validator.is_valid(broken)
+    broken = copy.deepcopy(results)
+    broken["experiments"]["localization"]["moco"]["explainers"]["relax"]["pointing_game"]["unit"] = "pixels"
+    assert not validator.is_valid(broken)
+
+
+def test_the_random_weight_floor_is_the_first_models_architecture_untrained(finished):
+    from sslens.hashing import module_sha256
+    from sslens.store import build_method, read_meta
+
+    out, _ = finished
+    results = json.loads((out / "results.json").read_text())
+    floor = results["models"]["random-init"]
+    assert floor["source"] == "random-init" and floor["model_file"] is None
+    meta = read_meta(out / results["models"]["simclr"]["model_file"].rsplit("/", 1)[0])
+    torch.manual_seed(results["seed"])
+    assert floor["weights_sha256"] == module_sha256(build_method(meta))
+    assert floor["weights_sha256"] != results["models"]["simclr"]["weights_sha256"]
+    # Measured like every other model, on the same images.
+    for name in ("quality", "invariance", "faithfulness", "localization", "sanity", "perceptual"):
+        assert "random-init" in results["experiments"][name]
 
 
 def test_rerun_recomputes_nothing_and_gives_the_same_results(finished, monkeypatch):
@@ -198,7 +242,7 @@ def test_rerun_recomputes_nothing_and_gives_the_same_results(finished, monkeypat
     after = json.loads((out / "results.json").read_text())
     assert after["experiments"] == before["experiments"]
     assert after["tradeoff"] == before["tradeoff"]
-    assert all(model["source"] == "reused" for model in after["models"].values())
+    assert {model["source"] for model in after["models"].values()} == {"reused", "random-init"}
 
 
 def test_a_study_failing_midway_leaves_the_report_intact(finished, monkeypatch):
@@ -266,35 +310,19 @@ def test_stage_keys_follow_the_data_not_only_the_dataset_section():
         assert stage_inputs(StudyContext(config, cpu, changed, test), name) != key
 
 
-def test_captions_count_the_images_measured_not_the_samples_asked_for():
-    from types import SimpleNamespace
-
-    from sslens.atomic import jsonable as plain
-    from sslens.explain.metrics.faithfulness import deletion_insertion
-    from sslens.explain.metrics.sanity import model_randomization_test
-    from sslens.study import sections
-    from sslens.study.cache import StageResult
-
-    # A test split smaller than the samples asked for: 3 images measured of 16, 8 and 4.
-    ctx = SimpleNamespace(config=SimpleNamespace(samples={"localization": 16, "faithfulness": 8, "sanity": 4}))
-    scores = {"mean": 0.5, "std": 0.1, "per_image": [0.5] * 3, "undefined": 0}
-    localization = StageResult({"explainers": {"relax": {"pointing_game": scores, "relevance_mass": scores}},
-                                "num_images": 3})
-    caption = sections.localization(ctx, {"m": localization}, {}).tables[0].caption
-    assert "Over 3 test images" in caption
-    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
-    images = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    faithful = plain(deletion_insertion(encoder, images, torch.rand(3, 6, 6), steps=2))
-    caption = sections.faithfulness(ctx, {"m": StageResult({"relax": faithful})}, {"baseline": "zero"}).tables[0].caption
-    assert caption.startswith("Mean over 3 images")
-    sanity = plain(model_randomization_test(encoder, ["0"], _first_channel_maps, images))
-    caption = sections.sanity(ctx, {"m": StageResult({"relax": sanity})}, {"threshold": 0.5}).tables[0].caption
-    assert caption.endswith("; 3 images.")
-
-
-def _first_channel_maps(model: torch.nn.Module):
-    """Maps that depend on the weights: the first output channel, padded back to the image size."""
-    return lambda x: torch.nn.functional.pad(model[0](x)[:, 0], (1, 1, 1, 1))
+def test_captions_count_the_images_measured_not_the_samples_asked_for(tmp_path):
+    # A test split smaller than the samples asked for: 5 images measured of 16.
+    config = tiny(
+        models=TINY["models"][:1], random_init=False,
+        dataset={"train_options": {"num_images": 64}, "test_options": {"num_images": 5}},
+        experiments=["faithfulness", "localization", "sanity", "tradeoff"],
+        samples={"faithfulness": 16, "localization": 16, "sanity": 16},
+    )
+    outcome = study(tmp_path, config)
+    tables = json.loads(outcome.results.read_text())["tables"]
+    assert "Over 5 images" in tables["faithfulness"][0]["caption"]
+    assert "Over 5 test images" in tables["localization"][0]["caption"]
+    assert ", 5 images," in tables["sanity"][0]["caption"]
 
 
 def test_changed_training_config_trains_into_a_fresh_folder(finished):
@@ -317,9 +345,9 @@ def test_an_explainer_that_ignores_the_model_is_flagged(tmp_path):
     outcome = study(tmp_path, config)
     html = outcome.report.read_text()
     assert "FLAGGED: maps ignore the weights" in html
-    assert "brightness (test): FLAGGED" in outcome.tradeoff[0]["sanity"]
+    assert "brightness (test): fails" in outcome.tradeoff[0]["sanity"]
     result = json.loads(outcome.results.read_text())["experiments"]["sanity"]["simclr"]["test_brightness"]
-    assert result["verdict"] == "fails sanity check" and result["changed"] is False
+    assert result["verdict"] == "fails" and result["changed"] is False
 
 
 # ------------------------------------------------------------- models expecting other inputs
@@ -337,7 +365,7 @@ def test_a_checkpoint_expecting_other_inputs_is_fed_through_an_input_adapter(tmp
     outcome = study(tmp_path / "study", config)
     results = json.loads(outcome.results.read_text())
     assert set(results["experiments"]["sanity"]["imagenet-style"]) == {"relax", "gradcam"}
-    assert len(outcome.tradeoff) == 1
+    assert [row["model"] for row in outcome.tradeoff] == ["imagenet-style", "random-init", "chance"]
 
     # The adapter feeds the model exactly what it expects: the dataset's images, un-normalised,
     # resized to 40 px (bicubic) and normalised with ImageNet statistics.
@@ -388,3 +416,4 @@ def test_a_finished_model_is_reused_only_on_the_data_it_was_trained_on(tmp_path)
     fewer = dataclasses.replace(spec, train=dataclasses.replace(
         spec.train, data_options={**spec.train.data_options, "num_images": 64}))
     assert training_data_fingerprint(fewer) != data
+

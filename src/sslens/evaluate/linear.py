@@ -18,7 +18,7 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -50,10 +50,14 @@ class LinearProbeResult:
     epochs: int
     batch_size: int
     lr: float
+    #: (N_test,) bool: which test features the probe classifies right (for intervals and paired
+    #: comparisons); not part of :meth:`to_dict`.
+    test_correct: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        """JSON-serialisable copy."""
+        """JSON-serialisable copy (without ``test_correct``)."""
         result = asdict(self)
+        result.pop("test_correct")
         result["val_top1_by_weight_decay"] = [list(pair) for pair in self.val_top1_by_weight_decay]
         return result
 
@@ -219,8 +223,9 @@ def linear_probe(
     )
     test_x = test_features.detach().to(device=device, dtype=torch.float32)
     test_y = test_labels.detach().to(device=device, dtype=torch.long)
+    test_predictions = final.predict(test_x)
     return LinearProbeResult(
-        top1=_top1(final.predict(test_x), test_y)[0],
+        top1=_top1(test_predictions, test_y)[0],
         val_top1=val_top1[best],
         weight_decay=float(decays[best]),
         val_top1_by_weight_decay=[(float(wd), acc) for wd, acc in zip(decays, val_top1, strict=True)],
@@ -229,4 +234,5 @@ def linear_probe(
         epochs=epochs,
         batch_size=batch_size,
         lr=float(lr),
+        test_correct=(test_predictions[0] == test_y).cpu(),
     )

@@ -21,9 +21,10 @@ from sslens.evaluate.features import (
     labels_of,
     module_device,
 )
-from sslens.evaluate.knn import knn_top1
+from sslens.evaluate.knn import knn_correct
 from sslens.evaluate.linear import linear_probe
 from sslens.hashing import module_sha256
+from sslens.stats import wilson
 
 
 def _data_identity(data: Any) -> dict:
@@ -67,6 +68,7 @@ def evaluate_encoder(
     batch_size: int = 512,
     cache: FeatureCache | None = None,
     cache_key_prefix: str = "",
+    keep_correct: bool = False,
 ) -> dict:
     """kNN (and optionally linear-probe) test accuracy of ``encoder``'s frozen features.
 
@@ -86,11 +88,14 @@ def evaluate_encoder(
         batch_size: images per forward pass, and features per linear-probe step.
         cache: optional :class:`FeatureCache`.
         cache_key_prefix: extra text mixed into the cache keys (e.g. a run name or output kind).
+        keep_correct: also return which test samples each classifier got right (not JSON).
 
     Returns:
-        A JSON-serialisable dict: ``knn_top1`` (float), ``linear_top1`` (float or None) and
-        ``details`` (k used, temperature, linear-probe weight decay and validation accuracy,
-        sizes, feature dimension, seconds per stage).
+        A dict: ``knn_top1`` (float), ``linear_top1`` (float or None), ``intervals`` (Wilson
+        95% intervals of both, :func:`sslens.stats.wilson`), ``details`` (k used, temperature,
+        linear-probe weight decay and validation accuracy, sizes, feature dimension, seconds per
+        stage) — all JSON-serialisable — and with ``keep_correct`` also ``correct``: {"knn",
+        "linear"} → (N_test,) bool arrays of which test samples each classifier got right.
     """
     boolean("linear", linear)
     positive_int("k", k, "200 is the usual choice")
@@ -121,11 +126,13 @@ def evaluate_encoder(
 
     train_features, test_features = features["train"].to(device), features["test"].to(device)
     stage = time.perf_counter()
-    knn = knn_top1(
+    knn_right = knn_correct(
         train_features, train_labels.to(device), test_features, test_labels.to(device),
         k=k, temperature=temperature, num_classes=num_classes,
-    )
+    ).cpu()
+    knn = int(knn_right.sum()) / len(knn_right)
     seconds["knn"] = time.perf_counter() - stage
+    correct = {"knn": knn_right}
 
     details: dict[str, Any] = {
         "k": min(k, len(train_features)),
@@ -149,7 +156,16 @@ def evaluate_encoder(
         )
         seconds["linear"] = time.perf_counter() - stage
         linear_top1 = probe.top1
+        correct["linear"] = probe.test_correct
         details["linear"] = {key: value for key, value in probe.to_dict().items() if key != "top1"}
     seconds["total"] = time.perf_counter() - started
     details["seconds"] = seconds
-    return {"knn_top1": knn, "linear_top1": linear_top1, "details": details}
+    intervals = {
+        f"{name}_top1": wilson(int(right.sum()), len(right), unit="test samples").to_dict()
+        for name, right in correct.items()
+    }
+    result = {"knn_top1": knn, "linear_top1": linear_top1, "intervals": intervals, "details": details}
+    if keep_correct:
+        # Per test sample, for paired comparisons of models on the same test set.
+        result["correct"] = {name: right.numpy().astype(bool) for name, right in correct.items()}
+    return result

@@ -3,6 +3,9 @@
 >>> print(format_results_table({"simclr": {"knn_top1": 0.8125, "linear_top1": None}}))
 model   kNN top-1  linear top-1
 simclr      81.2%             -
+
+With the ``intervals`` :func:`~sslens.evaluate.quality.evaluate_encoder` returns, each accuracy
+is followed by its 95% interval: ``81.2% [77.6, 84.3]``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from sslens.checks import is_number
 _COLUMNS = (("kNN top-1", "knn_top1"), ("linear top-1", "linear_top1"))
 
 
-def _percent(model: str, key: str, value: object) -> str:
+def _percent(model: str, key: str, value: object, interval: dict | None) -> str:
     if value is None:
         return "-"
     if not is_number(value) or not 0.0 <= value <= 1.0:
@@ -20,7 +23,10 @@ def _percent(model: str, key: str, value: object) -> str:
             f"{model}: {key} must be a fraction in [0, 1] (as evaluate_encoder returns) or None; "
             f"got {value!r}"
         )
-    return f"{100.0 * value:.1f}%"
+    text = f"{100.0 * value:.1f}%"
+    if interval is not None and interval.get("ci_low") is not None:
+        text += f" [{100.0 * interval['ci_low']:.1f}, {100.0 * interval['ci_high']:.1f}]"
+    return text
 
 
 def format_results_table(rows: dict[str, dict]) -> str:
@@ -42,7 +48,8 @@ def format_results_table(rows: dict[str, dict]) -> str:
                 f"The result for {model!r} must be a dict with 'knn_top1' (from evaluate_encoder); "
                 f"got {result!r}"
             )
-        table.append([str(model), *(_percent(model, key, result.get(key)) for _, key in _COLUMNS)])
+        intervals = result.get("intervals", {})
+        table.append([str(model), *(_percent(model, key, result.get(key), intervals.get(key)) for _, key in _COLUMNS)])
     widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))]
     lines = []
     for row in table:

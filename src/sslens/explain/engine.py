@@ -240,6 +240,8 @@ class RelaxEstimator:
         self.importance = torch.zeros(shape, dtype=dtype, device=device)
         self.squared_deviations = torch.zeros(shape, dtype=dtype, device=device)
         self.num_masks = [0] * num_images
+        # Σ_n s_n per image: E[s] over masks, the expected similarity a masking keeps.
+        self.similarity_sum = torch.zeros(num_images, dtype=torch.float64, device=device)
         self.block_size = block_size
         if block_size is not None:
             self.center = torch.zeros(num_images, 1, dtype=dtype, device=device)
@@ -276,6 +278,7 @@ class RelaxEstimator:
             self.squared_deviations[index].reshape(b, -1) + dev_round + delta * delta * w_old * w_round / total
         ).view(b, *size)
         self.sum_of_weights[index] = total.view(b, *size)
+        self.similarity_sum[index] += similarities.double().sum(dim=1)
         for i in index.tolist():
             self.num_masks[i] += n
 
@@ -293,6 +296,13 @@ class RelaxEstimator:
             dd += den * den
         self.block_nn[index], self.block_nd[index], self.block_dd[index] = nn_, nd, dd
         self.num_blocks[index] += -(-d.shape[1] // self.block_size)
+
+    @property
+    def mean_similarity(self) -> list[float]:
+        """E_M[s] per image: the mean cosine similarity of the masked images' embeddings with
+        the reference over every mask used (1 − it is the expected drop a masking causes)."""
+        counts = torch.tensor(self.num_masks, dtype=torch.float64, device=self.similarity_sum.device)
+        return (self.similarity_sum / counts.clamp_min(1)).tolist()
 
     @property
     def uncertainty(self) -> torch.Tensor:

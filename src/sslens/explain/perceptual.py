@@ -438,5 +438,7 @@ class PerceptualComponents(Explainer):
                 "depth_source": None if depth_map is None else ("call" if depth is not None else "estimator"),
                 "batch_size": batch_size,
                 "fast_inference": fast_info,
+                # Per component and image; the component's effect is 1 − this.
+                "mean_similarity": {name: estimator.mean_similarity for name, estimator in estimators.items()},
             },
         )

@@ -353,6 +353,7 @@ class RELAX(Explainer):
                 ),
                 "batch_size": batch_size,
                 "fast_inference": fast_info,
+                "mean_similarity": estimator.mean_similarity,
                 "uncertainty": "mask-weighted variance (relax-xai's sum divided by the summed weights)",
             },
         )

@@ -7,6 +7,7 @@ _EXPORTS = {
     "curves_figure": "sslens.report.figures",
     "heatmap_grid": "sslens.report.figures",
     "invariance_table_figure": "sslens.report.figures",
+    "scatter_figure": "sslens.report.figures",
     "tsne_figure": "sslens.report.figures",
     "Section": "sslens.report.html",
     "Table": "sslens.report.html",

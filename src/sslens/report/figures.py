@@ -92,42 +92,109 @@ def tsne_figure(
     return _to_png(figure, path)
 
 
+def _interval(value) -> tuple[float, float, float]:
+    """(mean, low, high) of an estimate dict (:meth:`sslens.stats.Estimate.to_dict`) or a
+    (mean, low, high) tuple; NaN where missing."""
+    if value is None:
+        return (np.nan, np.nan, np.nan)
+    if isinstance(value, Mapping):
+        value = (value.get("mean"), value.get("ci_low"), value.get("ci_high"))
+    mean, low, high = (np.nan if v is None else float(v) for v in value)
+    if np.isnan(low) or np.isnan(high):
+        low = high = mean
+    return (mean, low, high)
+
+
 def bar_chart(
-    means: Mapping[str, Mapping[str, tuple[float, float]]],
+    estimates: Mapping[str, Mapping[str, object]],
     *,
     ylabel: str = "score",
     xlabel: str = "component",
     title: str = "",
+    reference: Mapping[str, float] | None = None,
+    reference_label: str = "chance",
     path: str | os.PathLike | None = None,
 ) -> bytes:
-    """Grouped bars with ±std error bars: ``means[model][component] = (mean, std)``.
+    """Grouped bars with their 95% intervals: ``estimates[model][group]`` is an estimate dict
+    (``mean``, ``ci_low``, ``ci_high``) or a (mean, low, high) tuple.
 
-    Groups are components (x axis), one bar per model; a component a model lacks is left empty.
+    Groups are on the x axis, one bar per model; a group a model lacks is left empty.
+    ``reference[group]`` draws a dashed line across the group (its chance level). The y axis is
+    scaled to the data, from 0 (or the lowest value, when negative) to just above the highest
+    interval, so small effects are not flattened against a fixed 0–1 axis; the legend sits
+    outside the axes, where it hides no bar.
     """
-    if not means:
-        raise ValueError("bar_chart needs at least one model: {model: {component: (mean, std)}}")
-    models = list(means)
-    components = list(dict.fromkeys(c for per_model in means.values() for c in per_model))
+    if not estimates:
+        raise ValueError("bar_chart needs at least one model: {model: {group: estimate}}")
+    models = list(estimates)
+    groups = list(dict.fromkeys(g for per_model in estimates.values() for g in per_model))
     width = 0.8 / len(models)
     figure = _figure(WIDTH_IN, 4.5)
     ax = figure.subplots()
-    positions = np.arange(len(components))
+    positions = np.arange(len(groups))
+    extremes = [0.0]
     for index, model in enumerate(models):
-        values = [means[model].get(c, (np.nan, np.nan)) for c in components]
+        values = np.array([_interval(estimates[model].get(g)) for g in groups])
         ax.bar(
             positions + (index - (len(models) - 1) / 2) * width,
-            [v[0] for v in values],
+            values[:, 0],
             width,
-            yerr=[v[1] for v in values],
+            yerr=np.vstack([values[:, 0] - values[:, 1], values[:, 2] - values[:, 0]]),
             capsize=3,
             label=model,
         )
-    ax.set_xticks(positions, components, rotation=20 if len(components) > 5 else 0)
+        extremes += [v for v in values[:, 1:].ravel() if np.isfinite(v)]
+    labelled = False
+    for position, group in zip(positions, groups, strict=True):
+        level = (reference or {}).get(group)
+        if level is not None and np.isfinite(level):
+            ax.hlines(level, position - 0.45, position + 0.45, colors="black", linestyles="dashed",
+                      label=None if labelled else reference_label)
+            labelled = True
+            extremes.append(level)
+    low, high = min(extremes), max(extremes)
+    margin = 0.08 * (high - low or 1.0)
+    ax.set_ylim(min(0.0, low - margin) if low < 0 else 0.0, high + margin)
+    ax.set_xticks(positions, groups, rotation=20 if len(groups) > 5 else 0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
+    return _to_png(figure, path)
+
+
+def scatter_figure(
+    points: Mapping[str, tuple[object, object]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    reference: tuple[float | None, float | None] | None = None,
+    reference_label: str = "chance",
+    path: str | os.PathLike | None = None,
+) -> bytes:
+    """One labelled point per entry of ``points = {name: (x, y)}``, each coordinate an estimate
+    dict or (mean, low, high) tuple drawn with its 95% interval as an error bar. ``reference``
+    draws the chance level of each axis as a dashed line (None for an axis without one)."""
+    if not points:
+        raise ValueError("scatter_figure needs at least one point {name: (x, y)}")
+    figure = _figure(WIDTH_IN * 0.75, 4.8)
+    ax = figure.subplots()
+    for name, (x, y) in points.items():
+        (xm, xl, xh), (ym, yl, yh) = _interval(x), _interval(y)
+        ax.errorbar([xm], [ym], xerr=[[xm - xl], [xh - xm]], yerr=[[ym - yl], [yh - ym]], fmt="o", capsize=4)
+        ax.annotate(name, (xm, ym), xytext=(6, 6), textcoords="offset points", fontsize=9)
+    if reference is not None:
+        if reference[0] is not None:
+            ax.axvline(reference[0], color="grey", linestyle="dashed", label=f"{reference_label} ({xlabel})")
+        if reference[1] is not None:
+            ax.axhline(reference[1], color="grey", linestyle="dotted", label=f"{reference_label} ({ylabel})")
+        ax.legend(frameon=False, fontsize=8, loc="best")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     return _to_png(figure, path)
 
 

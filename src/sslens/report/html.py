@@ -3,8 +3,8 @@
 The file opens offline in any browser and can be mailed as one attachment. Every string that
 comes from the user or the data (titles, captions, model and class names, table cells, config
 values, paths) goes through :func:`html.escape`, so a class called ``<script>`` is shown, never
-run. Numbers are formatted one way everywhere (:func:`format_cell`): three decimals, and a
-(mean, std) pair as ``mean ± std``.
+run. Numbers are formatted one way everywhere (:func:`format_cell`): three decimals, an estimate
+with its 95% interval as ``mean [low, high]``, and a (mean, std) pair as ``mean ± std``.
 
 The report is written atomically (a temporary file in the same folder, then ``os.replace``): an
 error while rendering or writing leaves the previous file byte-identical.
@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from sslens.atomic import atomic_write_bytes, jsonable
+from sslens.stats import format_estimate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DECIMALS = 3
@@ -54,6 +55,7 @@ table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; }
 th { background: #eee; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+ul.notes { background: #f7faf3; border-left: 4px solid #6aa84f; padding: .5em .8em .5em 2em; }
 pre { background: #f7f7f7; border: 1px solid #ddd; padding: .8em; overflow-x: auto; font-size: .85em; }
 footer { margin-top: 3em; font-size: .8em; color: #777; }
 """
@@ -78,12 +80,14 @@ class Table:
 
 @dataclass
 class Section:
-    """A report section: a title, a one-line reading aid, figures (caption, PNG bytes) and tables."""
+    """A report section: a title, a one-line reading aid, figures (caption, PNG bytes), tables
+    and notes (sentences shown as a list after the tables, e.g. a generated conclusion)."""
 
     title: str
     reading_aid: str = ""
     figures: list[tuple[str, bytes]] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if "\n" in self.reading_aid.strip():
@@ -102,11 +106,14 @@ class Section:
 def format_cell(value: Any) -> str:
     """The text of one table cell, not yet escaped.
 
-    floats → 3 decimals; a (mean, std) pair of numbers → ``"mean ± std"``; NaN and None → "–";
-    bools → "yes"/"no"; ints and strings as they are.
+    floats → 3 decimals; an estimate dict (:meth:`sslens.stats.Estimate.to_dict`) →
+    ``"mean [ci_low, ci_high]"``; a (mean, std) pair of numbers → ``"mean ± std"``; NaN and
+    None → "–"; bools → "yes"/"no"; ints and strings as they are.
     """
     if value is None:
         return "–"
+    if isinstance(value, Mapping) and "mean" in value:
+        return format_estimate(value, DECIMALS)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, numbers.Integral):
@@ -123,7 +130,9 @@ def format_cell(value: Any) -> str:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Number | tuple) and not isinstance(value, bool)
+    return (isinstance(value, numbers.Number | tuple) and not isinstance(value, bool)) or (
+        isinstance(value, Mapping) and "mean" in value
+    )
 
 
 def environment_info(*, device: str | None = None, seed: int | None = None) -> dict[str, Any]:
@@ -183,6 +192,8 @@ def _render_section(index: int, section: Section) -> str:
         parts.append(f'<p class="aid">{html.escape(section.reading_aid.strip())}</p>')
     parts.extend(_render_figure(caption, png) for caption, png in section.figures)
     parts.extend(_render_table(table) for table in section.tables)
+    if section.notes:
+        parts.append('<ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in section.notes) + "</ul>")
     parts.append("</section>")
     return "\n".join(parts)
 

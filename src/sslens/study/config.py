@@ -3,7 +3,11 @@
 A study file is YAML with these top-level keys (all optional except ``models``)::
 
     title: "My study"             # report heading
-    seed: 0                       # seeds training defaults, sample choice, masks, t-SNE, probes
+    seed: 0                       # seeds sample choice, masks, t-SNE, probes and bootstraps
+    seeds: [0]                    # training seeds: [0, 1, 2] trains each model three times
+                                  # (named <name>-seed<k>) and reports their spread
+    random_init: true             # add "random-init": the first trained model's architecture
+                                  # with random weights, the floor every metric is read against
     device: auto                  # auto, cpu, cuda, cuda:N, mps
     dataset:                      # one dataset for every model (trained and evaluated on it)
       name: synthetic             # synthetic, cifar10, imagefolder
@@ -33,6 +37,7 @@ Every key is checked before any data is loaded; an unknown key raises a
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,7 @@ from sslens.study.spec import (
     CHECKPOINT_IMPORT_KEYS,
     DATASET_KEYS,
     MODEL_NAME,
+    RANDOM_INIT,
     STUDY_OWNED_TRAIN_KEYS,
     TOP_LEVEL_KEYS,
     ModelSpec,
@@ -113,6 +119,33 @@ def _model(raw: Any, index: int, dataset: dict, seed: int, device: str) -> Model
     except UserError as error:
         raise UserError(f"Model {name!r}: {error}") from error
     return ModelSpec(name, train=train)
+
+
+def _seeds(raw: Any) -> list[int]:
+    seeds = check_type("seeds", raw, list)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds):
+        raise UserError(f"seeds must be a non-empty list of integers in [0, 2^32), e.g. [0, 1, 2]; got {raw!r}.")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds lists a seed twice: {seeds}.")
+    return seeds
+
+
+def _model_seeds(raw: Any, index: int, dataset: dict, seeds: list[int], device: str) -> list[ModelSpec]:
+    """The model entry ``raw`` trained once per seed (named ``<name>-seed<k>`` when there are
+    several), or loaded once."""
+    if len(seeds) == 1 or not isinstance(raw, dict) or "checkpoint" in raw or "name" not in raw:
+        return [_model(raw, index, dataset, seeds[0], device)]
+    name = check_type(f"models[{index}].name", raw["name"], str)
+    if "seed" in raw:
+        raise UserError(
+            f"models[{index}] sets seed {raw['seed']!r}, but the study trains every model once per seed "
+            f"of seeds {seeds}; remove one of them."
+        )
+    specs = []
+    for seed in seeds:
+        spec = _model({**raw, "name": f"{name}-seed{seed}"}, index, dataset, seed, device)
+        specs.append(dataclasses.replace(spec, group=name))
+    return specs
 
 
 def _named_mapping(raw: Any, key: str, valid: list[str]) -> dict:
@@ -205,10 +238,17 @@ def load_study_config(path: str | Path | None, overrides: dict[str, Any] | None 
     raw_models = check_type("models", merged.get("models"), list) if merged.get("models") else []
     if not raw_models:
         raise UserError("The study needs at least one model under 'models' (a name plus training keys, or a checkpoint).")
-    models = [_model(raw, i, dataset, seed, device) for i, raw in enumerate(raw_models)]
+    seeds = _seeds(merged.get("seeds", [seed]))
+    models = [spec for i, raw in enumerate(raw_models) for spec in _model_seeds(raw, i, dataset, seeds, device)]
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"Model names must be unique; got {names}.")
+    random_init = check_type("random_init", merged.get("random_init", True), bool)
+    if random_init and RANDOM_INIT in names:
+        raise UserError(
+            f"The model name {RANDOM_INIT!r} is the study's floor model (random weights); rename your "
+            f"model or set random_init: false."
+        )
     experiments, samples, settings = _experiments(
         merged.get("experiments"), merged.get("samples"), merged.get("settings")
     )
@@ -220,6 +260,8 @@ def load_study_config(path: str | Path | None, overrides: dict[str, Any] | None 
         models=models,
         title=title,
         seed=seed,
+        seeds=seeds,
+        random_init=random_init,
         device=device,
         dataset=dataset,
         explainers=_explainers(merged.get("explainers")),

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from sslens.evaluate.embedding import effective_perplexity, tsne_embedding
@@ -33,11 +34,14 @@ from sslens.explain.metrics.faithfulness import deletion_insertion
 from sslens.explain.metrics.invariance import saliency_invariance
 from sslens.explain.metrics.localization import localization_scores
 from sslens.explain.metrics.sanity import model_randomization_test
+from sslens.explain.perceptual import COMPONENTS, PerceptualComponents
 from sslens.registry import Registry
+from sslens.stats import exact
 from sslens.study import sections
 from sslens.study.cache import StageResult
 from sslens.study.context import StudyContext
 from sslens.study.explainers import build_explainer
+from sslens.study.measures import CHANCE_MAPS, chance_maps, hits, image_mean, item_key
 from sslens.study.models import StudyModel
 from sslens.study.sharding import explain_rows
 
@@ -100,17 +104,28 @@ def _pooled(ctx: StudyContext, model: StudyModel) -> torch.nn.Module:
 @register_experiment(
     "quality",
     title="Representation quality",
-    reading_aid="Top-1 accuracy on the held-out split from frozen pooled features; higher is better.",
+    reading_aid="Top-1 accuracy on the held-out split from frozen pooled features, with Wilson 95% intervals over the test samples; higher is better, chance is 1 / the number of classes.",
     section=sections.quality,
     defaults={"k": 200, "temperature": 0.1, "linear": True, "linear_epochs": 100},
 )
 def quality(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """Weighted kNN and linear-probe top-1 (:func:`sslens.evaluate.evaluate_encoder`)."""
+    """Weighted kNN and linear-probe top-1 (:func:`sslens.evaluate.evaluate_encoder`), each with
+    its Wilson interval; which test samples each got right is kept for paired comparisons."""
     result = evaluate_encoder(
         _pooled(ctx, model), ctx.train_data, ctx.test_data, k=settings["k"], temperature=settings["temperature"],
         linear=settings["linear"], linear_epochs=settings["linear_epochs"], device=ctx.device, seed=ctx.seed,
+        keep_correct=True,
     )
-    return StageResult(result)
+    correct = result.pop("correct")
+    intervals = result.pop("intervals")
+    results = {
+        "knn_top1": intervals["knn_top1"],
+        "linear_top1": intervals.get("linear_top1"),
+        "chance": exact(1 / len(ctx.test_data.class_names), len(ctx.test_data), "test samples").to_dict(),
+        "details": result["details"],
+    }
+    arrays = {item_key(name): right.astype(np.uint8) for name, right in correct.items()}
+    return StageResult(results, arrays)
 
 
 @register_experiment(
@@ -141,17 +156,27 @@ def tsne(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | No
     return StageResult(results, arrays)
 
 
+def _agreement(raw: dict, seed: int, purpose: str) -> dict:
+    """IoU and correlation of :func:`saliency_invariance`'s per-image values, with intervals."""
+    return {
+        "iou": image_mean(raw["per_image_iou"], seed, f"{purpose} iou"),
+        "corr": image_mean(raw["per_image_corr"], seed, f"{purpose} corr"),
+        "valid_fraction": raw["valid_fraction"],
+    }
+
+
 @register_experiment(
     "invariance",
     title="Saliency invariance (RELAX)",
-    reading_aid="IoU of mean-binarised RELAX maps of an image and of its augmented copy, mapped back; 1 means the explanation follows the transformation exactly. The retest column explains the unchanged image again with other masks: the most an augmentation's score can reach given RELAX's own noise.",
+    reading_aid="IoU of mean-binarised RELAX maps of an image and of its augmented copy, mapped back; 1 means the explanation follows the transformation exactly. Read each against the retest (same image, other masks: the most RELAX's own noise allows) and the random map (chance, about 1/3).",
     section=sections.invariance,
     defaults={"augmentations": ["hflip", "vflip", "rot15", "grayscale"], "retest": True},
-    samples=8,
+    samples=24,
     explainers=("relax",),
 )
 def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """:func:`~sslens.explain.metrics.invariance.saliency_invariance` of RELAX maps (reference Table 1)."""
+    """:func:`~sslens.explain.metrics.invariance.saliency_invariance` of RELAX maps (reference
+    Table 1), with the same test on random and constant maps as chance levels."""
     images = ctx.images(ctx.sample("invariance", samples))
     encoder = _pooled(ctx, model)
     relax = ctx.explain_fn("relax", encoder)
@@ -164,69 +189,132 @@ def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
 
     # Another seed draws other masks: the retest measures the explainer's own noise.
     retest = ctx.explain_fn("relax", encoder, seed=ctx.seed + 1) if settings["retest"] else None
-    results = saliency_invariance(
-        explain, images, augmentations=settings["augmentations"], mean=ctx.mean, std=ctx.std, retest_fn=retest
-    )
-    return StageResult(results, {"example_maps": torch.stack(first_maps).numpy()})
+    augmentations = settings["augmentations"]
+    raw = saliency_invariance(explain, images, augmentations=augmentations, mean=ctx.mean, std=ctx.std, retest_fn=retest)
+    results: dict[str, Any] = {name: _agreement(value, ctx.seed, name) for name, value in raw.items()}
+    arrays = {"example_maps": torch.stack(first_maps).numpy()}
+    for name, value in raw.items():
+        arrays[item_key(name, "iou")] = np.asarray(value["per_image_iou"], dtype=np.float64)
+    # The mean over augmentations per image, the trade-off's invariance (the retest is a ceiling).
+    arrays[item_key("average", "iou")] = np.nanmean([arrays[item_key(a, "iou")] for a in augmentations], axis=0)
+    results["average"] = {"iou": image_mean(arrays[item_key("average", "iou")], ctx.seed, "mean iou")}
+    results["chance"] = {
+        kind: {"iou": image_mean(_chance_invariance(ctx, images, augmentations, kind), ctx.seed, f"{kind} iou")}
+        for kind in CHANCE_MAPS
+    }
+    results["num_images"] = len(images)
+    return StageResult(results, arrays)
+
+
+def _chance_invariance(ctx: StudyContext, images: torch.Tensor, augmentations: list[str], kind: str) -> np.ndarray:
+    """Per-image IoU (mean over augmentations) of a map that knows nothing. Random maps are drawn
+    anew for every call, so the original's and the augmented copy's maps are independent."""
+    calls = 0
+
+    def maps(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return chance_maps((len(x), *x.shape[2:]), ctx.seed + calls, x.device)[kind]
+
+    chance = saliency_invariance(maps, images, augmentations=augmentations, mean=ctx.mean, std=ctx.std)
+    return np.nanmean([chance[a]["per_image_iou"] for a in augmentations], axis=0)
+
+
+#: The four curves of :func:`deletion_insertion`, and which random curve is each one's chance.
+_CURVES = ("deletion", "insertion")
 
 
 @register_experiment(
     "faithfulness",
     title="Faithfulness: deletion and insertion",
-    reading_aid="Cosine similarity to the original embedding as the most important pixels are removed (deletion, lower AUC is better) or revealed (insertion, higher is better), against a random order.",
+    reading_aid="Cosine similarity to the original embedding as the most important pixels are removed (deletion, lower AUC is better) or revealed (insertion, higher is better), against a random order and a constant map (chance) on the same images.",
     section=sections.faithfulness,
     defaults={"explainers": ["relax", "gradcam"], "steps": 16, "baseline": "zero", "random_repeats": 1},
-    samples=8,
+    samples=32,
 )
 def faithfulness(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """:func:`~sslens.explain.metrics.faithfulness.deletion_insertion` for each explainer."""
+    """:func:`~sslens.explain.metrics.faithfulness.deletion_insertion` for each explainer, and for
+    a constant map; the random pixel order is the chance curve."""
     encoder = _pooled(ctx, model)
     images = ctx.images(ctx.sample("faithfulness", samples))
-    results = {}
+    options = {"steps": settings["steps"], "baseline": settings["baseline"], "seed": ctx.seed,
+               "random_repeats": settings["random_repeats"]}
+    results: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
     for name in settings["explainers"]:
         maps = ctx.explain_fn(name, encoder)(images).to(images.device)
-        results[name] = deletion_insertion(
-            encoder, images, maps, steps=settings["steps"], baseline=settings["baseline"],
-            seed=ctx.seed, random_repeats=settings["random_repeats"],
-        )
-    return StageResult(results)
+        raw = deletion_insertion(encoder, images, maps, **options)
+        results[name] = {
+            **{f"{curve}_auc": image_mean(raw["per_image"][f"{curve}_auc"], ctx.seed, f"{name} {curve}") for curve in _CURVES},
+            "x": raw["x"], "curves": raw["curves"], "settings": raw["settings"],
+        }
+        for curve in _CURVES:
+            arrays[item_key(name, f"{curve}_auc")] = np.asarray(raw["per_image"][f"{curve}_auc"])
+        random_order = raw  # every explainer's random order is the same seeded one
+    constant = deletion_insertion(encoder, images, chance_maps((len(images), *images.shape[2:]), ctx.seed, images.device)["constant map"], **options)
+    results["chance"] = {
+        "random order": {f"{c}_auc": image_mean(random_order["per_image"][f"random_{c}_auc"], ctx.seed, f"random {c}") for c in _CURVES},
+        "constant map": {f"{c}_auc": image_mean(constant["per_image"][f"{c}_auc"], ctx.seed, f"constant {c}") for c in _CURVES},
+    }
+    results["chance_curves"] = {"random order": {c: random_order["curves"][f"random_{c}"] for c in _CURVES}}
+    results["num_images"] = len(images)
+    for curve in _CURVES:
+        arrays[item_key("random order", f"{curve}_auc")] = np.asarray(random_order["per_image"][f"random_{curve}_auc"])
+    return StageResult(results, arrays)
+
+
+def _localization(maps: torch.Tensor, masks: torch.Tensor, settings: dict, seed: int) -> tuple[dict, dict]:
+    """(estimates, per-image arrays) of the pointing game and the offset-free relevance mass."""
+    raw = localization_scores(
+        maps, masks, ("pointing_game", "relevance_mass"),
+        options={"pointing_game": {"tolerance": settings["tolerance"]}}, seed=seed,
+    )
+    return (
+        {"pointing_game": hits(raw["pointing_game"]["per_image"]),
+         "relevance_mass": image_mean(raw["relevance_mass"]["per_image"], seed, "relevance mass")},
+        {metric: np.asarray(raw[metric]["per_image"], dtype=np.float64) for metric in raw},
+    )
 
 
 @register_experiment(
     "localization",
     title="Localisation against the ground-truth object",
-    reading_aid="Pointing game: how often the map's maximum lies on the object; relevance mass: the share of positive importance inside it. Higher is better.",
+    reading_aid="Pointing game: how often the map's maximum lies on the object; relevance mass: the share of the map's offset-free importance (what stands above its own mean) inside it. Higher is better; a random map scores about the object's area, a constant map 0 for the mass.",
     section=sections.localization,
     defaults={"explainers": ["relax", "gradcam"], "tolerance": 0.0},
-    samples=16,
+    samples=64,
 )
 def localization(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """Pointing game and relevance mass of each explainer's maps (datasets with object masks)."""
+    """Pointing game and relevance mass of each explainer's maps (datasets with object masks),
+    and of random and constant maps on the same images."""
     if getattr(ctx.test_data, "masks", None) is None:
         return StageResult({"skipped": "the dataset has no ground-truth object masks"})
     indices = ctx.sample("localization", samples, with_masks=True)
     images = ctx.images(indices)
     masks = ctx.test_data.masks[indices.to(ctx.test_data.masks.device)].to(images.device)
     encoder = _pooled(ctx, model)
-    results = {}
+    results: dict[str, Any] = {"explainers": {}, "chance": {}}
+    arrays: dict[str, np.ndarray] = {}
     for name in settings["explainers"]:
         maps = ctx.explain_fn(name, encoder)(images).to(images.device)
-        results[name] = localization_scores(
-            maps, masks, ("pointing_game", "relevance_mass"),
-            options={"pointing_game": {"tolerance": settings["tolerance"]}},
-        )
-    return StageResult({"explainers": results, "num_images": len(indices)})
+        results["explainers"][name], per_image = _localization(maps, masks, settings, ctx.seed)
+        arrays.update({item_key(name, metric): values for metric, values in per_image.items()})
+    for kind, maps in chance_maps(tuple(masks.shape), ctx.seed, images.device).items():
+        results["chance"][kind], _ = _localization(maps, masks, settings, ctx.seed)
+    results["object_area"] = image_mean(masks.flatten(1).float().mean(1).cpu().numpy(), ctx.seed, "object area")
+    results["num_images"] = len(indices)
+    return StageResult(results, arrays)
 
 
 @register_experiment(
     "sanity",
     title="Sanity check: cascading model-parameter randomisation",
-    reading_aid="Spearman correlation between the maps of the trained model and of copies whose top blocks are re-initialised; it must drop, else the explainer is FLAGGED (its maps ignore the weights).",
+    reading_aid="Spearman correlation between the maps of the trained model and of copies whose top blocks are re-initialised; it must drop below the threshold. The verdict comes from the 95% interval at the last step: passes (below), fails (at or above: the maps ignore the weights), inconclusive (straddles it: too few images).",
     section=sections.sanity,
     # 5 steps randomise every ResNet block (layer4 … stem): Adebayo et al.'s verdict is read at
     # the fully randomised model; stopping after the top blocks leaves low-level features intact.
     defaults={"explainers": ["relax", "gradcam"], "steps": 5, "threshold": 0.5},
-    samples=4,
+    samples=16,
 )
 def sanity(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """:func:`~sslens.explain.metrics.sanity.model_randomization_test`, top block first."""
@@ -248,14 +336,15 @@ def sanity(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | 
 @register_experiment(
     "perceptual",
     title="Perceptual components",
-    reading_aid="Mean importance of a component = the pixel mean of its raw map, i.e. the expected cosine similarity to the reference embedding when that component is kept under a random mask; higher means the representation depends more on that component being present.",
+    reading_aid="A component's effect is the expected drop in cosine similarity when the component is removed from a random part of the image (1 − E[s]); higher means the representation depends more on it. Intervals are over images; the ranking orders each model's components by effect.",
     section=sections.perceptual,
     defaults={"components": ["color", "shape", "texture", "brightness", "sharpness", "depth", "lowpass", "highpass"]},
-    samples=4,
+    samples=16,
     explainers=("perceptual",),
 )
 def perceptual(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """:class:`~sslens.explain.PerceptualComponents` maps, using the dataset's depth when it has one."""
+    """:class:`~sslens.explain.PerceptualComponents` effects and maps, using the dataset's depth
+    when it has one; the first image's component images are kept for the figure."""
     indices = ctx.sample("perceptual", samples)
     images = ctx.images(indices)
     depth = getattr(ctx.test_data, "depth", None)
@@ -264,29 +353,50 @@ def perceptual(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
         "perceptual", _pooled(ctx, model), ctx.config.explainers.get("perceptual", {}), seed=ctx.seed,
         mean=ctx.mean, std=ctx.std, fixed={"components": settings["components"]},
     )
-    explanation = explain_rows(explainer, images, depth=depth)
-    components = {}
+    explanation = explain_rows(explainer, images, per_image_info=("mean_similarity",), depth=depth)
+    components, arrays = {}, {}
     for name, maps in explanation.components.items():
-        per_image = maps.flatten(1).mean(1)
+        effect = 1 - np.asarray(explanation.info["mean_similarity"][name])
+        arrays[item_key(name, "effect")] = effect
         components[name] = {
-            "mean": float(per_image.mean()),
-            "std": float(per_image.std(correction=0)),
-            "per_image": per_image.tolist(),
+            "effect": image_mean(effect, ctx.seed, f"{name} effect"),
+            "mean_importance": image_mean(maps.flatten(1).mean(1).cpu().numpy(), ctx.seed, f"{name} importance"),
         }
     results = {
         "components": components,
+        "ranking": sorted(components, key=lambda c: -components[c]["effect"]["mean"]),
         "skipped": explanation.info["skipped"],
         "depth_source": "dataset ground truth" if depth is not None else None,
         "num_images": len(indices),
     }
-    arrays = {f"map_{name}": maps[0].cpu().numpy() for name, maps in explanation.components.items()}
+    arrays.update({f"map_{name}": maps[0].cpu().numpy() for name, maps in explanation.components.items()})
+    arrays.update({f"component_{name}": image for name, image in
+                   component_images(explainer, images[:1], None if depth is None else depth[:1]).items()})
     return StageResult(results, arrays)
+
+
+def component_images(explainer: PerceptualComponents, images: torch.Tensor, depth: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """uint8 (H, W, 3) of what each component's masked images are made of, for ``images[0]``:
+    the image with the component removed (colour → grey, brightness → darker, low-/high-pass →
+    the other band) or, where the component is an image of its own (edges, texture, sharpness,
+    depth), that image."""
+    mean, std = explainer._stats(images)
+    pixels = (images * std + mean).clamp(0.0, 1.0)
+    shown = {}
+    for name in explainer.components:
+        component = COMPONENTS[name]
+        if component.needs_depth and depth is None:
+            continue
+        parts = component.build(pixels, depth, explainer.amounts)
+        image = parts.absent if parts.absent is not None and parts.reference is pixels else parts.reference
+        shown[name] = (image[0].clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8).cpu().numpy())
+    return shown
 
 
 @register_experiment(
     "gradcam_pairs",
     title="Grad-CAM of image pairs",
-    reading_aid="Symmetric similarity Grad-CAM: for each pair, both images' maps of what makes their embeddings similar, with the cosine similarity in the row title.",
+    reading_aid="Symmetric similarity Grad-CAM: for each pair, both images' maps of what makes their embeddings similar, with the cosine similarity in the row title. Examples, not estimates: one pair of each kind.",
     section=sections.gradcam_pairs,
     samples=1,
     explainers=("gradcam",),

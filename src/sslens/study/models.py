@@ -29,11 +29,11 @@ import torch
 
 from sslens.data.base import data_fingerprint
 from sslens.distributed import barrier, broadcast_object, world
-from sslens.hashing import file_sha256, json_sha256
+from sslens.hashing import file_sha256, json_sha256, module_sha256
 from sslens.models.adapt import adapt_input
 from sslens.published import import_cached
-from sslens.store import MODEL_FILE, RunDir, load_model, resolve_model_file
-from sslens.study.spec import ModelSpec
+from sslens.store import MODEL_FILE, RunDir, build_method, load_model, resolve_model_file
+from sslens.study.spec import RANDOM_INIT, ModelSpec
 from sslens.train.config import TrainConfig
 
 #: TrainConfig keys that do not change the learned weights' recipe.
@@ -47,10 +47,12 @@ class StudyModel:
     name: str
     method: torch.nn.Module
     meta: dict
-    model_file: Path
+    model_file: Path | None  # None for the random-init floor, which lives in memory only
     weights_sha256: str
     training_seconds: float | None
-    source: str  # "trained", "reused" or "checkpoint"
+    source: str  # "trained", "reused", "checkpoint" or "random-init"
+    #: the configured model this is one training seed of (see ``seeds``), or None.
+    group: str | None = None
 
     def encoder(self, output: str, data: Any) -> torch.nn.Module:
         """The ``output`` embedding as a module taking ``data``'s images (its size and
@@ -65,10 +67,12 @@ class StudyModel:
         return {
             "method": self.meta.get("method"),
             "backbone": self.meta.get("backbone"),
-            "model_file": os.path.relpath(self.model_file, root),
+            "model_file": None if self.model_file is None else os.path.relpath(self.model_file, root),
             "weights_sha256": self.weights_sha256,
             "training_seconds": self.training_seconds,
             "source": self.source,
+            "group": self.group,
+            "seed": self.meta.get("seed", (self.meta.get("config") or {}).get("seed")),
             "epoch": self.meta.get("epoch"),
             "step": self.meta.get("step"),
         }
@@ -150,5 +154,18 @@ def prepare_model(
     model_file = run.model_dir / MODEL_FILE
     method, meta = load_model(run.model_dir, device=device)
     return StudyModel(
-        spec.name, method, meta, model_file, file_sha256(model_file), run.training_seconds(), source
+        spec.name, method, meta, model_file, file_sha256(model_file), run.training_seconds(), source, spec.group
     )
+
+
+def random_init_model(template: StudyModel, seed: int, device: torch.device) -> StudyModel:
+    """The floor model :data:`~sslens.study.spec.RANDOM_INIT`: ``template``'s architecture with
+    the initial weights ``seed`` draws (the same on every rank and every run), never trained.
+    Whatever it scores, a metric's trained models must beat to show they learned something."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        method = build_method(template.meta)
+    method = method.to(device).eval()
+    meta = {key: value for key, value in template.meta.items() if key != "data_fingerprint"}
+    meta.update(epoch=0, step=0, seed=seed, config=None)
+    return StudyModel(RANDOM_INIT, method, meta, None, module_sha256(method), None, "random-init")

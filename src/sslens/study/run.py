@@ -45,13 +45,14 @@ from sslens.hashing import json_sha256
 from sslens.report.html import Section, Table, environment_info, format_cell, render_html
 from sslens.store import build_method
 from sslens.study.cache import CACHE_VERSION, StageCache, StageResult
+from sslens.study.compare import comparisons, conclusion
 from sslens.study.context import StudyContext
 from sslens.study.experiments import EXPERIMENTS, stage_inputs
 from sslens.study.explainers import build_explainer
-from sslens.study.models import prepare_model
+from sslens.study.models import prepare_model, random_init_model
 from sslens.study.progress import StudyProgress
-from sslens.study.sections import TRADEOFF_COLUMNS, tradeoff_rows
-from sslens.study.spec import StudyConfig
+from sslens.study.sections import tradeoff_columns, tradeoff_rows
+from sslens.study.spec import RANDOM_INIT, StudyConfig
 from sslens.train.loop import train
 
 
@@ -62,6 +63,8 @@ class StudyOutcome:
     report: Path
     results: Path
     tradeoff: list[dict[str, Any]]
+    #: the trade-off rows' keys and their headers, in table order
+    tradeoff_columns: dict[str, str]
     seconds: float
 
 
@@ -102,7 +105,8 @@ def run_study(
 def _run(config: StudyConfig, out: Path, device: torch.device, started: float, progress, stream) -> StudyOutcome:
     main = world().is_main
     cache = StageCache(out / "cache")
-    total = 2 + len(config.models) + len(_per_model(config)) * len(config.models)
+    count = len(config.models) + int(config.random_init)
+    total = 2 + len(config.models) + len(_per_model(config)) * count
     with StudyProgress(total, bar=progress, stream=stream, quiet=not main) as display:
         with display.stage("loading the dataset"):
             dataset = config.dataset
@@ -132,6 +136,9 @@ def _run(config: StudyConfig, out: Path, device: torch.device, started: float, p
                 )
             if spec.train is None:
                 check_explainers(config, spec.name, ctx.models[spec.name].encoder("pooled", ctx.test_data))
+        if config.random_init:
+            template = next((spec.name for spec in config.models if spec.train is not None), config.models[0].name)
+            ctx.models[RANDOM_INIT] = random_init_model(ctx.models[template], config.seed, device)
         for name in _per_model(config):
             inputs = stage_inputs(ctx, name)
             for model in ctx.models.values():
@@ -151,7 +158,8 @@ def _run(config: StudyConfig, out: Path, device: torch.device, started: float, p
             # Every rank returns once the report exists.
             barrier()
     return StudyOutcome(
-        out / "report.html", out / "results.json", tradeoff_rows(ctx), time.perf_counter() - started
+        out / "report.html", out / "results.json", tradeoff_rows(ctx), tradeoff_columns(ctx),
+        time.perf_counter() - started,
     )
 
 
@@ -197,7 +205,9 @@ def write_report(ctx: StudyContext, out: Path) -> tuple[Path, Path]:
         sections.append(Section(
             experiment.title, experiment.reading_aid,
             figures=[(caption, png) for _, caption, png in content.figures], tables=content.tables,
+            notes=content.notes,
         ))
+    pairs = comparisons(ctx)
     environment = environment_info(device=str(ctx.device), seed=ctx.seed)
     if world().distributed:
         environment["processes"] = world().size
@@ -212,6 +222,8 @@ def write_report(ctx: StudyContext, out: Path) -> tuple[Path, Path]:
         },
         "tables": tables,
         "tradeoff": tradeoff_rows(ctx),
+        "comparisons": pairs,
+        "conclusion": conclusion(ctx, pairs),
         "figures": [f"figures/{file}" for file in figures],
         "config": ctx.config.to_dict(),
         "environment": environment,
@@ -270,9 +282,9 @@ def publish_outputs(out: Path, files: dict[str, bytes]) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def format_tradeoff(rows: list[dict[str, Any]]) -> str:
-    """The trade-off table as aligned plain text, for the terminal."""
-    table = Table(list(TRADEOFF_COLUMNS.values()), [[row[k] for k in TRADEOFF_COLUMNS] for row in rows])
+def format_tradeoff(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
+    """The trade-off table as aligned plain text, for the terminal (``columns``: key → header)."""
+    table = Table(list(columns.values()), [[row[k] for k in columns] for row in rows])
     cells = [table.columns] + [[format_cell(v) for v in row] for row in table.rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(table.columns))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in cells]

@@ -1,10 +1,16 @@
-"""Report sections: each experiment's figures and tables, drawn from its stored results only.
+"""Report sections: each experiment's figures, tables and notes, drawn from its stored results only.
 
 A function here takes ``(ctx, outputs, settings)``, where ``outputs`` maps each model name to
 the experiment's :class:`~sslens.study.cache.StageResult`, and returns a :class:`SectionContent`.
 Nothing is recomputed here, so a study whose stages are all cached redraws its report in
-seconds. Maps are shown raw with their own colour bar, except the perceptual examples, which are
-z-scored per map for display (their bar chart and table use the raw values).
+seconds.
+
+Every number is shown with its 95% interval and the size and unit of the sample behind it (in
+the caption), next to its chance level measured on the same items: a random map, a constant map
+or a random pixel order, and the ``random-init`` floor model. A model trained once per seed has
+a row per seed and a row for their mean with Student's t interval over the seeds. Maps are shown
+raw with their own colour bar, except the perceptual examples, which are z-scored per map for
+display (their bar chart and table use the raw values).
 """
 
 from __future__ import annotations
@@ -22,30 +28,88 @@ from sslens.report.figures import (
     curves_figure,
     heatmap_grid,
     invariance_table_figure,
+    scatter_figure,
     tsne_figure,
 )
 from sslens.report.html import Table
+from sslens.stats import format_estimate, over_seeds
+from sslens.study import compare
+from sslens.study.measures import CHANCE_MAPS
+from sslens.study.spec import RANDOM_INIT
 
 FLAG = "FLAGGED: maps ignore the weights"
 
 
 @dataclass
 class SectionContent:
-    """Figures as (file stem, caption, PNG bytes) and tables of one report section."""
+    """Figures as (file stem, caption, PNG bytes), tables and notes (sentences) of one section."""
 
     figures: list[tuple[str, str, bytes]] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _get(results: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(results, dict) or key not in results:
+            return None
+        results = results[key]
+    return results
+
+
+def _rows(ctx, outputs: dict) -> list[tuple[str, list[str]]]:
+    """(row label, models) for each table row: every model, and after the seeds of a model
+    trained once per seed, a row for their mean."""
+    rows = []
+    for unit, models in compare.units(ctx).items():
+        present = [m for m in models if m in outputs]
+        rows += [(m, [m]) for m in present]
+        if len(present) > 1:
+            rows.append((f"{unit} (mean of {len(present)} seeds)", present))
+    return rows
+
+
+def _examples(ctx, outputs: dict) -> list[str]:
+    """One model per unit for example figures: the first seed of a seed group."""
+    return [models[0] for models in compare.units(ctx).values() if models[0] in outputs]
+
+
+def _cell(outputs: dict, models: list[str], *path: str) -> dict | None:
+    """The estimate at ``path`` of one model, or of several seeds (t interval over seeds)."""
+    values = [_get(outputs[m].results, *path) for m in models]
+    if any(v is None for v in values):
+        return None
+    if len(values) == 1:
+        return values[0]
+    return over_seeds([np.nan if v["mean"] is None else v["mean"] for v in values]).to_dict()
+
+
+def _size(estimate: dict | None) -> str:
+    return "–" if estimate is None else f"{estimate['n']} {estimate['unit']}"
+
+
+def _mean(estimate: dict | None) -> float | None:
+    return None if estimate is None else estimate["mean"]
 
 
 def quality(ctx, outputs: dict, settings: dict) -> SectionContent:
-    rows = [[m, o.results["knn_top1"], o.results["linear_top1"]] for m, o in outputs.items()]
-    bars = {m: {"kNN top-1": (knn, 0.0), "linear top-1": (lin if lin is not None else float("nan"), 0.0)}
-            for m, knn, lin in rows}
+    first = next(iter(outputs.values())).results
+    chance = first["chance"]
+    rows, bars = [], {}
+    for label, models in _rows(ctx, outputs):
+        knn, linear = _cell(outputs, models, "knn_top1"), _cell(outputs, models, "linear_top1")
+        rows.append([label, knn, linear])
+        bars[label] = {"kNN top-1": knn, "linear top-1": linear}
+    rows.append(["chance (1 / classes)", chance, chance if settings["linear"] else None])
+    caption = (f"Top-1 on {_size(first['knn_top1'])}: 95% Wilson intervals (Student's t over seeds for a seed "
+               f"mean). kNN (k={settings['k']}, T={settings['temperature']}) and linear probe "
+               f"({settings['linear_epochs']} epochs).")
     return SectionContent(
-        [("accuracy", "Held-out top-1 accuracy of each model's pooled features.",
-          bar_chart(bars, ylabel="top-1 accuracy", xlabel="classifier", title="Representation quality"))],
-        [Table(["model", "kNN top-1", "linear top-1"], rows,
-               f"kNN (k={settings['k']}, T={settings['temperature']}) and linear probe ({settings['linear_epochs']} epochs).")],
+        [("accuracy", "Held-out top-1 accuracy of each model's pooled features, with 95% intervals; "
+          "the dashed line is chance.",
+          bar_chart(bars, ylabel="top-1 accuracy", xlabel="classifier", title="Representation quality",
+                    reference={"kNN top-1": chance["mean"], "linear top-1": chance["mean"]}))],
+        [Table(["model", "kNN top-1", "linear top-1"], rows, caption)],
     )
 
 
@@ -57,62 +121,83 @@ def tsne(ctx, outputs: dict, settings: dict) -> SectionContent:
         figures.append((output, f"t-SNE of the {output} output, one panel per model (seed {ctx.seed}).",
                         tsne_figure(panels, names, title=f"t-SNE of the {output} output")))
     rows = [[m, o.results["num_points"], o.results["perplexity"], o.results["n_iter"]] for m, o in outputs.items()]
-    return SectionContent(figures, [Table(["model", "points", "perplexity", "iterations"], rows, "t-SNE settings.")])
+    return SectionContent(figures, [Table(["model", "points", "perplexity", "iterations"], rows,
+                                          "t-SNE settings. A picture, not an estimate: no interval.")])
 
 
 def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
     augmentations = settings["augmentations"]
-    iou = {m: {a: o.results[a]["iou_mean"] for a in augmentations} for m, o in outputs.items()}
-    # The retest (same image, other masks) is the column every augmentation's score is read against.
-    columns = [*augmentations, RETEST] if settings["retest"] else list(augmentations)
-    rows_iou = [[m, *[(o.results[a]["iou_mean"], o.results[a]["iou_std"]) for a in columns]]
-                for m, o in outputs.items()]
-    rows_corr = [[m, *[(o.results[a]["corr_mean"], o.results[a]["corr_std"]) for a in columns]]
-                 for m, o in outputs.items()]
+    columns = [*augmentations, "average"] + ([RETEST] if settings["retest"] else [])
+    paths = {a: (a,) for a in augmentations} | {"average": ("average",), RETEST: (RETEST,)}
+    rows_iou, rows_corr, heat = [], [], {}
+    for label, models in _rows(ctx, outputs):
+        rows_iou.append([label, *[_cell(outputs, models, *paths[c], "iou") for c in columns]])
+        rows_corr.append([label, *[_cell(outputs, models, *paths[c], "corr") if c != "average" else None for c in columns]])
+        heat[label] = {a: _mean(_cell(outputs, models, a, "iou")) for a in augmentations}
+    first = next(iter(outputs.values())).results
+    for kind in CHANCE_MAPS:
+        rows_iou.append([kind, *[first["chance"][kind]["iou"] if c == "average" else None for c in columns]])
+    count = first["num_images"]
     retest_note = (" Retest: the unchanged image explained again with other masks (seed + 1), the ceiling"
                    " an augmentation's score can reach given RELAX's own noise." if settings["retest"] else "")
-    # The images drawn, fewer than samples.invariance when the test split is smaller.
-    indices = ctx.sample("invariance", ctx.config.samples["invariance"])
-    count = len(indices)
     # The example row shows each augmented image with its own map, in the augmented frame.
-    first = ctx.images(indices[:1])
-    views = [("original", first)] + [
-        (a, invariance_augmentation(a, ctx.mean, ctx.std).apply(first)) for a in augmentations
+    indices = ctx.sample("invariance", ctx.config.samples["invariance"])
+    image = ctx.images(indices[:1])
+    views = [("original", image)] + [
+        (a, invariance_augmentation(a, ctx.mean, ctx.std).apply(image)) for a in augmentations
     ]
     pictures = {name: ctx.display(view)[0] for name, view in views}
-    grid = [(m, [(name, pictures[name], o.arrays["example_maps"][i]) for i, (name, _) in enumerate(views)])
-            for m, o in outputs.items()]
+    grid = [(m, [(name, pictures[name], outputs[m].arrays["example_maps"][i]) for i, (name, _) in enumerate(views)])
+            for m in _examples(ctx, outputs)]
     return SectionContent(
-        [("iou", "Mean IoU per model and augmentation (Table 1 of the reference report).",
-          invariance_table_figure(iou)),
+        [("iou", "Mean IoU per model and augmentation (Table 1 of the reference report); intervals in the table.",
+          invariance_table_figure(heat)),
          ("examples", "RELAX importance of one image under each augmentation (raw maps, own colour bar).",
           heatmap_grid(grid))],
         [Table(["model", *columns], rows_iou,
-               f"IoU of mean-binarised RELAX maps, mean ± std over {count} images.{retest_note}"),
-         Table(["model", *columns], rows_corr, "Pearson correlation of the raw maps, mean ± std.")],
+               f"IoU of mean-binarised RELAX maps over {count} images, 95% bootstrap intervals over images; "
+               f"average: over the augmentations, per image. The random map (chance) and the constant map "
+               f"are scored on the same images: a constant map is trivially invariant, so invariance "
+               f"alone does not show that a map explains anything.{retest_note}"),
+         Table(["model", *columns], rows_corr, f"Pearson correlation of the raw maps over {count} images, "
+               "95% bootstrap intervals.")],
     )
 
 
 def faithfulness(ctx, outputs: dict, settings: dict) -> SectionContent:
     figures, rows = [], []
-    for model, output in outputs.items():
+    for model in _examples(ctx, outputs):
+        results = outputs[model].results
         curves = {}
-        for name, result in output.results.items():
-            x = np.asarray(result["x"])
-            curves[f"{explainer_label(name)} deletion"] = (x, np.asarray(result["curves"]["deletion"]))
-            curves[f"{explainer_label(name)} insertion"] = (x, np.asarray(result["curves"]["insertion"]))
-            rows.append([model, explainer_label(name), result["deletion_auc"], result["random_deletion_auc"],
-                         result["insertion_auc"], result["random_insertion_auc"]])
-        result = next(iter(output.results.values()))
-        # The images measured: fewer than samples.faithfulness when the test split is smaller.
-        count = len(result["per_image"]["deletion_auc"])
-        curves["random deletion"] = (np.asarray(result["x"]), np.asarray(result["curves"]["random_deletion"]))
-        curves["random insertion"] = (np.asarray(result["x"]), np.asarray(result["curves"]["random_insertion"]))
-        figures.append((model, f"Deletion and insertion curves of {model}.", curves_figure(
+        for name in settings["explainers"]:
+            x = np.asarray(results[name]["x"])
+            for curve in ("deletion", "insertion"):
+                curves[f"{explainer_label(name)} {curve}"] = (x, np.asarray(results[name]["curves"][curve]))
+        for curve in ("deletion", "insertion"):
+            curves[f"random order {curve}"] = (x, np.asarray(results["chance_curves"]["random order"][curve]))
+        figures.append((model, f"Deletion and insertion curves of {model} (mean over images).", curves_figure(
             curves, xlabel="fraction of pixels removed / inserted", ylabel="cosine similarity to the original",
             title=model)))
-    table = Table(["model", "explainer", "deletion AUC", "random deletion AUC", "insertion AUC",
-                   "random insertion AUC"], rows, f"Mean over {count} images; baseline {settings['baseline']!r}.")
+    for label, models in _rows(ctx, outputs):
+        chance = {c: _cell(outputs, models, "chance", "random order", f"{c}_auc") for c in ("deletion", "insertion")}
+        for name in [*settings["explainers"], "random order", "constant map"]:
+            path = (name,) if name in settings["explainers"] else ("chance", name)
+            deletion, insertion = (_cell(outputs, models, *path, f"{c}_auc") for c in ("deletion", "insertion"))
+            verdict = "–"
+            if name in settings["explainers"]:
+                better = [compare.above_chance(deletion, chance["deletion"], False),
+                          compare.above_chance(insertion, chance["insertion"], True)]
+                verdict = {(True, True): "both", (True, False): "deletion only",
+                           (False, True): "insertion only"}.get(tuple(bool(b) for b in better), "neither")
+            rows.append([label, explainer_label(name) if name in settings["explainers"] else name,
+                         deletion, insertion, verdict])
+    count = next(iter(outputs.values())).results["num_images"]
+    table = Table(["model", "map", "deletion AUC (lower is better)", "insertion AUC (higher is better)",
+                   "better than the random order"], rows,
+                  f"Over {count} images, 95% bootstrap intervals over images; baseline {settings['baseline']!r}, "
+                  f"{settings['steps']} steps. The random order and the constant map are each model's chance "
+                  f"levels on the same images; 'better' means the interval lies wholly beyond the random "
+                  f"order's mean.")
     return SectionContent(figures, [table])
 
 
@@ -122,17 +207,32 @@ def localization(ctx, outputs: dict, settings: dict) -> SectionContent:
         reason = next(iter(outputs.values())).results["skipped"]
         return SectionContent([], [Table(["model", "result"], [[m, reason] for m in outputs], "Not measured.")])
     bars, rows = {}, []
-    for model, output in scored.items():
-        for name, scores in output.results["explainers"].items():
-            pointing, mass = scores["pointing_game"], scores["relevance_mass"]
-            bars.setdefault(model, {})[f"{explainer_label(name)} pointing"] = (pointing["mean"], pointing["std"])
-            bars[model][f"{explainer_label(name)} mass"] = (mass["mean"], mass["std"])
-            rows.append([model, explainer_label(name), (pointing["mean"], pointing["std"]), (mass["mean"], mass["std"])])
+    first = next(iter(scored.values())).results
+    for label, models in _rows(ctx, scored):
+        for name in settings["explainers"]:
+            pointing, mass = (_cell(scored, models, "explainers", name, metric)
+                              for metric in ("pointing_game", "relevance_mass"))
+            bars.setdefault(label, {})[f"{explainer_label(name)} pointing"] = pointing
+            bars[label][f"{explainer_label(name)} mass"] = mass
+            rows.append([label, explainer_label(name), pointing, mass])
+    for kind in CHANCE_MAPS:
+        rows.append([kind, "–", first["chance"][kind]["pointing_game"], first["chance"][kind]["relevance_mass"]])
+    reference = {}
+    for name in settings["explainers"]:
+        reference[f"{explainer_label(name)} pointing"] = first["chance"]["random map"]["pointing_game"]["mean"]
+        reference[f"{explainer_label(name)} mass"] = first["chance"]["random map"]["relevance_mass"]["mean"]
+    area = first["object_area"]
     return SectionContent(
-        [("scores", "Pointing game and relevance mass (mean ± std over images).",
-          bar_chart(bars, ylabel="score", xlabel="metric", title="Localisation"))],
-        [Table(["model", "explainer", "pointing game", "relevance mass"], rows,
-               f"Over {output.results['num_images']} test images with an object mask.")],
+        [("scores", "Pointing game and relevance mass with 95% intervals; the dashed line is a random map's score.",
+          bar_chart(bars, ylabel="score", xlabel="metric", title="Localisation", reference=reference,
+                    reference_label="random map"))],
+        [Table(["model", "map", "pointing game", "relevance mass"], rows,
+               f"Over {first['num_images']} test images with an object mask (objects cover "
+               f"{format_estimate(area)} of the image): pointing game with Wilson intervals, relevance "
+               f"mass (offset-free: the map minus its mean, positive part) with bootstrap intervals. The "
+               f"random map scores about the object's area on the pointing game and near 0 on the mass, "
+               f"the constant map 0 on the mass; the {RANDOM_INIT} row shows how much of the score "
+               f"low-level contrast alone earns.")],
     )
 
 
@@ -145,38 +245,60 @@ def sanity(ctx, outputs: dict, settings: dict) -> SectionContent:
             curves[f"{model} · {explainer_label(name)}"] = (np.arange(len(steps)), np.asarray([1.0, *result["spearman_mean"]]))
             rows.append([model, explainer_label(name), " → ".join(result["steps"]),
                          " / ".join("–" if v is None else f"{v:.3f}" for v in result["spearman_mean"]),
-                         result["verdict"], "" if result["changed"] else FLAG])
+                         result["spearman_interval"][-1], result["verdict"],
+                         FLAG if result["verdict"] == "fails" else ""])
     return SectionContent(
         [("spearman", "Mean Spearman correlation with the trained model's maps after randomising the top k blocks (k on the x axis).",
           curves_figure(curves, xlabel="blocks randomised (top first)", ylabel="Spearman correlation",
                         title="Cascading randomisation"))],
-        [Table(["model", "explainer", "blocks randomised", "Spearman per step", "verdict", "flag"], rows,
-               f"Threshold {settings['threshold']} on the last step; {count} images.")],
+        [Table(["model", "explainer", "blocks randomised", "Spearman per step", "last step (95% interval)",
+                "verdict", "flag"], rows,
+               f"Threshold {settings['threshold']} on the last step, {count} images, bootstrap interval over "
+               f"images: passes when the whole interval lies below the threshold, fails when it lies at or "
+               f"above it, inconclusive when it straddles it (more images would decide).")],
     )
 
 
 def perceptual(ctx, outputs: dict, settings: dict) -> SectionContent:
-    bars = {m: {c: (v["mean"], v["std"]) for c, v in o.results["components"].items()} for m, o in outputs.items()}
-    components = list(dict.fromkeys(c for per_model in bars.values() for c in per_model))
-    rows = [[m, *[bars[m].get(c) for c in components]] for m in outputs]
+    components = list(dict.fromkeys(c for o in outputs.values() for c in o.results["components"]))
+    bars, rows, ranking = {}, [], []
+    for label, models in _rows(ctx, outputs):
+        effects = {c: _cell(outputs, models, "components", c, "effect") for c in components}
+        bars[label] = effects
+        rows.append([label, *[effects[c] for c in components]])
+        order = sorted((c for c in components if _mean(effects[c]) is not None), key=lambda c: -effects[c]["mean"])
+        ranking.append([label, " > ".join(order)])
+    first = next(iter(outputs.values()))
     picture = ctx.display(ctx.images(ctx.sample("perceptual", ctx.config.samples["perceptual"])[:1]))[0]
-    grid = [(m, [(c, picture, normalize_map(o.arrays[f"map_{c}"], "zscore")) for c in components if f"map_{c}" in o.arrays])
-            for m, o in outputs.items()]
+    shown = [c for c in components if f"component_{c}" in first.arrays]
+    grid = [("components", [("input", picture, None)]
+             + [(c, first.arrays[f"component_{c}"], None) for c in shown])]
+    grid += [(m, [("input", picture, None)] + [(c, picture, normalize_map(outputs[m].arrays[f"map_{c}"], "zscore"))
+                                               for c in shown if f"map_{c}" in outputs[m].arrays])
+             for m in _examples(ctx, outputs)]
     skipped = sorted({f"{c} ({why})" for o in outputs.values() for c, why in o.results["skipped"].items()})
+    count = first.results["num_images"]
     return SectionContent(
-        [("importance", "Mean importance of each component (raw map pixel mean, ± std over images).",
-          bar_chart(bars, ylabel="mean importance (expected cosine similarity)", title="Perceptual components")),
-         ("examples", "Component maps of one image, z-scored per map for display only.", heatmap_grid(grid))],
+        [("effects", "Each component's effect (1 − E[s], the expected drop in cosine similarity when it is "
+          "removed from a random region) with 95% intervals over images, on an axis scaled to the data.",
+          bar_chart(bars, ylabel="effect: 1 − E[similarity]", title="Perceptual components")),
+         ("examples", "First row: the input and what each component's masked images are made of (the image "
+          "without the component, or the component's own image). Then each model's component maps over the "
+          "input, z-scored per map for display only.", heatmap_grid(grid))],
         [Table(["model", *components], rows,
-               "Mean importance ± std over images." + (f" Skipped: {'; '.join(skipped)}." if skipped else ""))],
+               f"Effect over {count} images, 95% bootstrap intervals over images. 0 means removing the component "
+               f"leaves the embedding unchanged; compare with the {RANDOM_INIT} row."
+               + (f" Skipped: {'; '.join(skipped)}." if skipped else "")),
+         Table(["model", "components by effect (largest first)"], ranking,
+               "Ranking by mean effect; neighbours whose intervals overlap are not distinguished.")],
     )
 
 
 def gradcam_pairs(ctx, outputs: dict, settings: dict) -> SectionContent:
     grid, rows = [], []
-    for model, output in outputs.items():
-        a = output.arrays
-        for i, pair in enumerate(output.results["pairs"]):
+    for model in _examples(ctx, outputs):
+        a = outputs[model].arrays
+        for i, pair in enumerate(outputs[model].results["pairs"]):
             title = f"{model}: {pair['kind']} (s={pair['similarity']:.2f})"
             grid.append((title, [("image", a["first_images"][i], a["first_maps"][i]),
                                  ("pair", a["second_images"][i], a["second_maps"][i])]))
@@ -184,70 +306,110 @@ def gradcam_pairs(ctx, outputs: dict, settings: dict) -> SectionContent:
     return SectionContent(
         [("pairs", "Each row: an image and its pair, each with its own Grad-CAM map (raw, own colour bar).",
           heatmap_grid(grid))],
-        [Table(["model", "pair", "image", "partner", "cosine similarity"], rows, "Test-image indices of each pair.")],
+        [Table(["model", "pair", "image", "partner", "cosine similarity"], rows,
+               "Test-image indices of each pair. Examples, not estimates: no interval.")],
     )
 
 
-def _get(ctx, experiment: str, model: str, *path: str) -> Any:
-    """A nested value of a stage's results, or None when the stage or key is missing."""
-    value: Any = ctx.outputs.get(experiment, {}).get(model)
-    value = None if value is None else value.results
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value
+def _verdicts(ctx, models: list[str]) -> str | None:
+    stages = ctx.outputs.get("sanity", {})
+    if not all(m in stages for m in models):
+        return None
+    parts = []
+    for name in stages[models[0]].results:
+        verdicts = [stages[m].results[name]["verdict"] for m in models]
+        counted = ", ".join(f"{v} {verdicts.count(v)}/{len(verdicts)}" for v in dict.fromkeys(verdicts))
+        parts.append(f"{explainer_label(name)}: {verdicts[0] if len(set(verdicts)) == 1 else counted}")
+    return "; ".join(parts)
+
+
+def tradeoff_columns(ctx) -> dict[str, str]:
+    """The trade-off table's columns: {row key: header}."""
+    headline = [m for m in compare.metrics(ctx) if m.headline]
+    return {"model": "model", **{m.key: m.label for m in headline}, "sanity": "sanity check",
+            "training_seconds": "training time (s)"}
 
 
 def tradeoff_rows(ctx) -> list[dict[str, Any]]:
-    """One dict per model with the trade-off numbers (None where an experiment was not run)."""
+    """One dict per unit of comparison (a model, or a model's seeds) with its headline metrics
+    as estimate dicts, its sanity verdicts and training time; then a ``chance`` row."""
+    headline = [m for m in compare.metrics(ctx) if m.headline]
     rows = []
-    for model, study_model in ctx.models.items():
-        invariance = ctx.outputs.get("invariance", {}).get(model)
-        ious = [] if invariance is None else [v["iou_mean"] for a, v in invariance.results.items() if a != RETEST]
-        sanity = ctx.outputs.get("sanity", {}).get(model)
-        verdicts = None if sanity is None else "; ".join(
-            f"{explainer_label(name)}: {'passes' if r['changed'] else FLAG}" for name, r in sanity.results.items()
-        )
-        rows.append({
-            "model": model,
-            "linear_top1": _get(ctx, "quality", model, "linear_top1"),
-            "knn_top1": _get(ctx, "quality", model, "knn_top1"),
-            "invariance_iou": float(np.mean(ious)) if ious else None,
-            "deletion_auc_relax": _get(ctx, "faithfulness", model, "relax", "deletion_auc"),
-            "random_deletion_auc": _get(ctx, "faithfulness", model, "relax", "random_deletion_auc"),
-            "pointing_game_relax": _get(ctx, "localization", model, "explainers", "relax", "pointing_game", "mean"),
-            "sanity": verdicts,
-            "training_seconds": study_model.training_seconds,
-        })
+    for unit, models in compare.units(ctx).items():
+        seconds = [ctx.models[m].training_seconds for m in models]
+        row: dict[str, Any] = {"model": unit}
+        row.update({m.key: compare.estimate(ctx, m, models) for m in headline})
+        row["sanity"] = _verdicts(ctx, models)
+        row["training_seconds"] = None if None in seconds else float(np.mean(seconds))
+        rows.append(row)
+    if rows:
+        first = compare.units(ctx)[rows[0]["model"]]
+        chance = {"model": "chance"} | {m.key: compare.chance(ctx, m, first) for m in headline}
+        rows.append(chance | {"sanity": None, "training_seconds": None})
     return rows
 
 
-TRADEOFF_COLUMNS = {
-    "model": "model",
-    "linear_top1": "linear top-1",
-    "knn_top1": "kNN top-1",
-    "invariance_iou": "invariance IoU (mean over augmentations)",
-    "deletion_auc_relax": "deletion AUC (RELAX)",
-    "random_deletion_auc": "deletion AUC (random order)",
-    "pointing_game_relax": "pointing game (RELAX)",
-    "sanity": "sanity check",
-    "training_seconds": "training time (s)",
-}
+def precision_notes(ctx) -> list[str]:
+    """How wide the study's intervals are: the median half-width of each headline metric."""
+    notes = []
+    for metric in (m for m in compare.metrics(ctx) if m.headline):
+        widths = [
+            (e["ci_high"] - e["ci_low"]) / 2
+            for models in compare.units(ctx).values()
+            if (e := compare.estimate(ctx, metric, models)) is not None and e["ci_low"] is not None
+        ]
+        sizes = {_size(e) for models in compare.units(ctx).values() if (e := compare.estimate(ctx, metric, models))}
+        if widths:
+            notes.append(f"{metric.label}: ±{float(np.median(widths)):.3f} (median half-width of the 95% "
+                         f"intervals, {', '.join(sorted(sizes))}).")
+    return notes
 
 
 def tradeoff(ctx, outputs: dict, settings: dict) -> SectionContent:
     rows = tradeoff_rows(ctx)
-    table = Table(list(TRADEOFF_COLUMNS.values()), [[row[key] for key in TRADEOFF_COLUMNS] for row in rows],
-                  "Representation quality (left) against explanation quality (right).")
-    points = {
-        row["model"]: (np.asarray([row["linear_top1"] if row["linear_top1"] is not None else row["knn_top1"]]),
-                       np.asarray([row["invariance_iou"]]))
-        for row in rows if row["invariance_iou"] is not None and (row["linear_top1"] or row["knn_top1"]) is not None
-    }
+    columns = tradeoff_columns(ctx)
+    pairs = compare.comparisons(ctx)
+    metrics = compare.metric_by_key(ctx)
+    best = {key: compare.best(ctx, metrics[key], pairs) for key in columns if key in metrics}
+    cells = []
+    for row in rows:
+        line = []
+        for key in columns:
+            value = row[key]
+            if best.get(key) is not None and best[key] == row["model"]:
+                value = f"{format_estimate(value)} ▲"
+            line.append(value)
+        cells.append(line)
+    table = Table(list(columns.values()), cells,
+                  "Representation quality (left) against explanation quality (right), 95% intervals (sample "
+                  "sizes in each section). ▲: better than every other trained model, the paired difference's "
+                  "interval excluding 0. The chance row: 1 / classes, a random map, a random pixel order.")
+    shown = [r for r in pairs if r["metric"] in columns]
+    comparison = Table(
+        ["metric", "model a", "model b", "a − b (95% interval)", "items", "real difference"],
+        [[r["label"], r["a"], r["b"], r["difference"], _size(r["difference"]), "yes" if r["real"] else "no"]
+         for r in shown],
+        "Paired differences on the same items (bootstrap; Welch's interval over seeds when both models have "
+        "several). Real: the interval excludes 0. Intervals are per comparison, not corrected for their number.",
+    )
+    others = [r for r in pairs if r["metric"] not in columns and r["real"]]
+    tables = [table, comparison]
+    if others:
+        tables.append(Table(
+            ["metric", "model a", "model b", "a − b (95% interval)", "items"],
+            [[r["label"], r["a"], r["b"], r["difference"], _size(r["difference"])] for r in others],
+            "The other metrics' real differences (all pairs in results.json, 'comparisons').",
+        ))
     figures = []
-    if points:
-        figures.append(("scatter", "Each point is a model: representation quality against saliency invariance.",
-                        curves_figure(points, xlabel="linear top-1 (kNN where no probe)",
-                                      ylabel="invariance IoU", title="Trade-off")))
-    return SectionContent(figures, [table])
+    x_key = "linear_top1" if "linear_top1" in columns else "knn_top1"
+    if x_key in columns and "invariance_iou" in columns:
+        points = {row["model"]: (row[x_key], row["invariance_iou"]) for row in rows[:-1]
+                  if row[x_key] is not None and row["invariance_iou"] is not None}
+        chance = rows[-1]
+        if points:
+            figures.append(("scatter", "Each point is a model with its 95% intervals: representation quality "
+                            "against saliency invariance; dashed lines are chance.",
+                            scatter_figure(points, xlabel=columns[x_key], ylabel=columns["invariance_iou"],
+                                           title="Trade-off", reference=(_mean(chance[x_key]), _mean(chance["invariance_iou"])))))
+    notes = compare.conclusion(ctx, pairs) + ["How precise these numbers are: " + " ".join(precision_notes(ctx))]
+    return SectionContent(figures, tables, notes)

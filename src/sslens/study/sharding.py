@@ -81,7 +81,8 @@ def explain_rows(
 
     Every map of the :class:`~sslens.explain.base.Explanation` (``importance``, ``uncertainty``,
     ``components``) is gathered to (B, H, W), on the CPU under torchrun; ``info`` is rank 0's,
-    except the keys in ``per_image_info``, lists with one entry per image, which are gathered too.
+    except the keys in ``per_image_info``, lists with one entry per image (or dicts of such lists),
+    which are gathered too.
     """
     if not world().distributed or len(images) == 0:
         return explainer(images, **per_image)
@@ -93,8 +94,15 @@ def explain_rows(
         return _merge([None if part is None else get(part) for part in parts], total)
 
     info = dict(first.info)
+
+    def gathered(get: Callable[[dict], list]) -> list:
+        return unshard([[] if part is None else get(part.info) for part in parts], total)
+
     for key in per_image_info:
-        info[key] = unshard([[] if part is None else part.info[key] for part in parts], total)
+        if isinstance(first.info[key], dict):  # one per-image list per entry (e.g. per component)
+            info[key] = {name: gathered(lambda i, key=key, name=name: i[key][name]) for name in first.info[key]}
+        else:
+            info[key] = gathered(lambda i, key=key: i[key])
     return Explanation(
         importance=merged(lambda part: part.importance),
         uncertainty=None if first.uncertainty is None else merged(lambda part: part.uncertainty),

@@ -29,6 +29,10 @@ DATASET_KEYS: dict[str, Any] = {
 #: study decides where models are written.
 STUDY_OWNED_TRAIN_KEYS = ("data", "data_dir", "data_options", "image_size", "out", "progress")
 
+#: The name of the floor model the study adds (``random_init: true``): the first trained
+#: model's architecture with random initial weights, put through every experiment like the others.
+RANDOM_INIT = "random-init"
+
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -56,6 +60,9 @@ class ModelSpec:
     #: the ResNet of the checkpoint; None: read from its keys.
     arch: str | None = None
     timm_name: str | None = None
+    #: the configured name when the study trains this model once per seed (``seeds``): the
+    #: spec is then named ``<group>-seed<k>``; None for a model trained (or loaded) once.
+    group: str | None = None
 
 
 # Keys a checkpoint model may add to import a published file directly (see `sslens import`).
@@ -69,6 +76,10 @@ class StudyConfig:
     models: list[ModelSpec]
     title: str = "sslens study"
     seed: int = 0
+    #: the training seeds of every trained model; more than one trains each model once per seed.
+    seeds: list[int] = field(default_factory=lambda: [0])
+    #: whether to add the floor model (the first trained model's architecture, random weights).
+    random_init: bool = True
     device: str = "auto"
     dataset: dict = field(default_factory=dict)
     explainers: dict = field(default_factory=dict)
@@ -83,14 +94,11 @@ class StudyConfig:
         return {
             "title": self.title,
             "seed": self.seed,
+            "seeds": list(self.seeds),
+            "random_init": self.random_init,
             "device": self.device,
             "dataset": self.dataset,
-            "models": [
-                {"name": m.name, "checkpoint": m.checkpoint, "format": m.format, "arch": m.arch,
-                 "timm_name": m.timm_name} if m.checkpoint is not None
-                else {"name": m.name, **_train_entry(m.train)}
-                for m in self.models
-            ],
+            "models": [_model_entry(m) for m in self.models if m.group is None or m.train.seed == self.seeds[0]],
             "explainers": self.explainers,
             "experiments": list(self.experiments),
             "samples": self.samples,
@@ -98,8 +106,14 @@ class StudyConfig:
         }
 
 
-def _train_entry(config: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in STUDY_OWNED_TRAIN_KEYS}
+def _model_entry(spec: ModelSpec) -> dict[str, Any]:
+    """The model as a study file lists it: one entry per configured model, not per seed."""
+    if spec.checkpoint is not None:
+        imports = {key: getattr(spec, key) for key in CHECKPOINT_IMPORT_KEYS if getattr(spec, key) is not None}
+        return {"name": spec.name, "checkpoint": spec.checkpoint, **imports}
+    # A model trained once per seed takes its seeds from the study's ``seeds``.
+    owned = (*STUDY_OWNED_TRAIN_KEYS, "seed") if spec.group is not None else STUDY_OWNED_TRAIN_KEYS
+    return {"name": spec.group or spec.name, **{k: v for k, v in spec.train.to_dict().items() if k not in owned}}
 
 
 TOP_LEVEL_KEYS = [f.name for f in dataclasses.fields(StudyConfig) if f.name != "source"]

@@ -67,7 +67,7 @@ def test_model_independent_explainer_fails_the_check():
     assert result["spearman_mean"] == pytest.approx([1.0, 1.0, 1.0])
     assert result["ssim_mean"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)
     assert result["changed"] is False
-    assert result["verdict"] == "fails sanity check"
+    assert result["verdict"] == "fails"
 
 
 def test_gradient_map_changes_and_the_callers_model_is_untouched():
@@ -78,7 +78,8 @@ def test_gradient_map_changes_and_the_callers_model_is_untouched():
     result = model_randomization_test(model, layers, _gradient_times_input, _images(), seed=3)
     assert result["steps"] == ["top", "middle", "bottom"]
     assert result["spearman_mean"][-1] < 0.5
-    assert result["changed"] is True and result["verdict"] == "passes sanity check"
+    assert result["changed"] is True and result["verdict"] == "passes"
+    assert result["spearman_interval"][-1]["ci_high"] < 0.5
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # Same seed, same answer.
     again = model_randomization_test(model, layers, _gradient_times_input, _images(), seed=3)
@@ -105,3 +106,14 @@ def test_bad_layers_raise_with_a_hint():
         model_randomization_test(model, [("x", nn.Linear(2, 2))], _edges, _images())
     with pytest.raises(ValueError, match="non-empty"):
         model_randomization_test(model, [], _edges, _images())
+
+
+def test_a_verdict_comes_from_the_interval_not_the_mean():
+    from sslens.explain.metrics.sanity import sanity_verdict
+    from sslens.stats import Estimate
+
+    # 0.482 against a 0.5 threshold "passed" on its mean alone, from 3 images.
+    assert sanity_verdict(Estimate(0.482, 0.30, 0.66, 3, "images", "bootstrap"), 0.5) == "inconclusive"
+    assert sanity_verdict(Estimate(0.20, 0.10, 0.30, 16, "images", "bootstrap"), 0.5) == "passes"
+    assert sanity_verdict(Estimate(0.90, 0.80, 0.95, 16, "images", "bootstrap"), 0.5) == "fails"
+    assert sanity_verdict(Estimate(float("nan"), float("nan"), float("nan"), 0, "images", "bootstrap"), 0.5) == "fails"

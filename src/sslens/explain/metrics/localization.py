@@ -16,12 +16,18 @@ summarises them.
 
 Where we differ / what we decide:
 
-* Ties for the maximum are resolved to the first pixel in raster order (``torch.argmax``'s
-  documented rule), so a constant map always points at the top-left pixel; ties in the rank
-  metric are resolved the same way (stable sort).
-* Negative relevance is clamped at 0 for the mass metric, as Arras et al. do; a map without any
-  positive relevance has no defined mass and scores NaN (left out of the mean, and counted).
+* Ties (for the maximum, and in the ranking) are broken uniformly at random with a seeded
+  generator, so a constant map points at a random pixel and scores the chance level (the
+  object's area) instead of whatever lies in the top-left corner.
+* Relevance mass is measured on the *offset-free* map ``r = max(m − mean(m), 0)``, not on the
+  raw positive part as Arras et al. do: RELAX's maps are mask-weighted mean similarities,
+  ≈ 0.9 everywhere, so their raw positive part is nearly constant and its "mass" equals the
+  object's area whatever the map says (a constant map scored like RELAX). On ``r`` a constant
+  map scores 0 (nothing stands out), a map that is 1 on the object and 0 elsewhere scores 1,
+  and a random map scores about the object's area.
 * An image whose mask is empty cannot be scored, so it is rejected with a ValueError.
+* :func:`localization_scores` gives each mean a 95% interval (Wilson's for the pointing game's
+  hits, a bootstrap over images for the others; :mod:`sslens.stats`).
 
 >>> import torch
 >>> maps = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
@@ -32,11 +38,13 @@ Where we differ / what we decide:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from sslens.registry import lookup
+from sslens.stats import bootstrap_mean, wilson
 
 
 def _check(maps: torch.Tensor, masks: torch.Tensor) -> None:
@@ -59,13 +67,25 @@ def _check(maps: torch.Tensor, masks: torch.Tensor) -> None:
         )
 
 
-def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: float = 0.0) -> torch.Tensor:
+def descending_order(maps: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """(N, H, W) → (N, H·W) pixel indices in decreasing value, ties in a seeded random order.
+
+    The pixels are shuffled before a stable sort, so equal values keep the shuffled order.
+    """
+    flat = maps.flatten(1)
+    generator = torch.Generator().manual_seed(seed)
+    shuffle = torch.stack([torch.randperm(flat.shape[1], generator=generator) for _ in range(len(flat))]).to(flat.device)
+    order = torch.sort(flat.gather(1, shuffle), dim=1, descending=True, stable=True).indices
+    return shuffle.gather(1, order)
+
+
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: float = 0.0, seed: int = 0) -> torch.Tensor:
     """(N,) 1.0 where the map's maximum lies within ``tolerance`` pixels of the mask, else 0.0."""
     _check(maps, masks)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 pixels; got {tolerance!r}")
     width = maps.shape[2]
-    peak = maps.flatten(1).argmax(dim=1)  # first maximum in raster order
+    peak = descending_order(maps, seed)[:, 0]
     row, col = (peak // width).view(-1, 1, 1), (peak % width).view(-1, 1, 1)
     rows = torch.arange(maps.shape[1], device=maps.device).view(1, -1, 1)
     cols = torch.arange(width, device=maps.device).view(1, 1, -1)
@@ -73,19 +93,25 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, *, tolerance: float =
     return (near & masks).flatten(1).any(1).float()
 
 
+def offset_free(maps: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) → ``max(m − mean(m), 0)`` per map: what stands out of the map's own level."""
+    return (maps - maps.flatten(1).mean(1).view(-1, 1, 1)).clamp_min(0)
+
+
 def relevance_mass(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """(N,) share of positive relevance inside the mask; NaN for a map with no positive relevance."""
+    """(N,) share of the offset-free relevance (:func:`offset_free`) inside the mask; 0 for a
+    map where nothing stands out (a constant map)."""
     _check(maps, masks)
-    positive = maps.clamp_min(0).flatten(1).double()
-    total = positive.sum(1)
-    inside = (positive * masks.flatten(1)).sum(1)
-    return torch.where(total > 0, inside / total, torch.full_like(total, float("nan"))).float()
+    relevance = offset_free(maps.double()).flatten(1)
+    total = relevance.sum(1)
+    inside = (relevance * masks.flatten(1)).sum(1)
+    return torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total)).float()
 
 
-def relevance_rank(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def relevance_rank(maps: torch.Tensor, masks: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     """(N,) fraction of the K most relevant pixels inside the mask, K = the mask's pixel count."""
     _check(maps, masks)
-    order = torch.sort(maps.flatten(1), dim=1, descending=True, stable=True).indices
+    order = descending_order(maps, seed)
     inside_sorted = masks.flatten(1).gather(1, order)
     sizes = masks.flatten(1).sum(1)
     within_top_k = torch.arange(order.shape[1], device=maps.device) < sizes.unsqueeze(1)
@@ -106,12 +132,14 @@ def localization_scores(
     metrics: Sequence[str] = ("pointing_game", "relevance_mass", "relevance_rank"),
     *,
     options: Mapping[str, dict] | None = None,
+    seed: int = 0,
 ) -> dict[str, dict]:
-    """Run the named metrics; ``{name: {"mean", "std", "per_image", "undefined"}}``.
+    """Run the named metrics; ``{name: {"mean", "std", "interval", "per_image", "undefined"}}``.
 
     ``options`` maps a metric name to its keyword arguments, e.g.
     ``{"pointing_game": {"tolerance": 3}}``. ``std`` is the population std (ddof=0); NaN scores
-    are left out of mean and std and counted in ``undefined``.
+    are left out of mean, std and interval and counted in ``undefined``. ``seed`` breaks ties
+    and draws the bootstrap.
     """
     if isinstance(metrics, str):
         raise TypeError(f"metrics must be a sequence of names, e.g. ({metrics!r},)")
@@ -123,11 +151,17 @@ def localization_scores(
     results = {}
     with torch.no_grad():
         for name, function in functions.items():
-            scores = function(maps, masks, **options.get(name, {}))
+            accepted = inspect.signature(function).parameters
+            scores = function(maps, masks, **({"seed": seed} if "seed" in accepted else {}), **options.get(name, {}))
             defined = scores[~scores.isnan()]
+            if name == "pointing_game":
+                interval = wilson(int(defined.sum()), defined.numel(), unit="images")
+            else:
+                interval = bootstrap_mean(defined.numpy(), unit="images", seed=seed)
             results[name] = {
                 "mean": float(defined.mean()) if defined.numel() else float("nan"),
                 "std": float(defined.std(correction=0)) if defined.numel() else float("nan"),
+                "interval": interval.to_dict(),
                 "per_image": scores.tolist(),
                 "undefined": int(scores.isnan().sum()),
             }

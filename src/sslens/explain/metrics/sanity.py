@@ -19,11 +19,13 @@ How we run it:
 * Where we differ: Adebayo et al. also report rank correlation of absolute values; we correlate
   the raw maps (sslens explainers return signed importance with meaningful sign). SSIM is taken
   on maps min-max scaled to [0, 1] per image (a constant map scales to 0).
-* Verdict: ``changed`` is True when the mean Spearman correlation at the fully randomised step is
-  below ``threshold``; otherwise the explainer "fails sanity check" — its maps barely depend on
-  the weights. Constant maps have no rank correlation (NaN) and are left out of the means; if
-  every map of the last step is constant the mean is NaN and the check is reported as failed,
-  since a flat map explains nothing.
+* Verdict, from the 95% interval of the mean Spearman correlation at the fully randomised step
+  (a bootstrap over images, :mod:`sslens.stats`), never from the mean alone: "passes" when the
+  whole interval lies below ``threshold`` (the maps changed), "fails" when it lies at or above
+  it (they barely depend on the weights), "inconclusive" when it straddles it (too few images
+  to tell). ``changed`` is True for "passes". Constant maps have no rank correlation (NaN) and
+  are left out; if every map of the last step is constant the check fails, since a flat map
+  explains nothing.
 
 >>> import torch
 >>> from torch import nn
@@ -31,7 +33,7 @@ How we run it:
 >>> brightness = lambda model: (lambda x: x.mean(1))   # ignores the model entirely
 >>> result = model_randomization_test(encoder, ["2", "0"], brightness, torch.randn(2, 3, 8, 8))
 >>> result["spearman_mean"], result["verdict"]
-([1.0, 1.0], 'fails sanity check')
+([1.0, 1.0], 'fails')
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from collections.abc import Callable, Sequence
 import kornia.metrics
 import torch
 from torch import nn
+
+from sslens.stats import Estimate, bootstrap_mean
 
 ExplainFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -158,8 +162,9 @@ def model_randomization_test(
 
     Returns:
         ``steps`` (the block randomised at each step, cumulative), ``spearman_mean``,
-        ``ssim_mean`` (one per step), ``spearman_per_image``, ``ssim_per_image`` (steps × B),
-        ``changed`` (bool) and ``verdict`` ("passes sanity check" / "fails sanity check").
+        ``ssim_mean`` (one per step), ``spearman_interval`` (one :class:`~sslens.stats.Estimate`
+        dict per step), ``spearman_per_image``, ``ssim_per_image`` (steps × B), ``changed``
+        (bool) and ``verdict`` ("passes", "fails" or "inconclusive").
     """
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder must be a torch.nn.Module; got {type(encoder).__name__}")
@@ -184,15 +189,28 @@ def model_randomization_test(
     spearman_table, ssim_table = torch.stack(spearman_rows), torch.stack(ssim_rows)
     # NaN (a constant map) is left out of the per-step means.
     spearman_mean = spearman_table.nanmean(1)
-    changed = bool(spearman_mean[-1] < threshold)
+    intervals = [bootstrap_mean(row.numpy(), unit="images", seed=seed) for row in spearman_table]
+    verdict = sanity_verdict(intervals[-1], threshold)
     return {
         "steps": [label for label, _ in blocks],
         "spearman_mean": spearman_mean.tolist(),
+        "spearman_interval": [interval.to_dict() for interval in intervals],
         "ssim_mean": ssim_table.nanmean(1).tolist(),
         "spearman_per_image": spearman_table.tolist(),
         "ssim_per_image": ssim_table.tolist(),
         "threshold": threshold,
         "seed": seed,
-        "changed": changed,
-        "verdict": "passes sanity check" if changed else "fails sanity check",
+        "changed": verdict == "passes",
+        "verdict": verdict,
     }
+
+
+def sanity_verdict(last_step: Estimate, threshold: float) -> str:
+    """"passes", "fails" or "inconclusive" from the last step's interval (see the module docstring)."""
+    if last_step.n == 0:
+        return "fails"  # every map constant: nothing to correlate, nothing explained
+    if last_step.ci_high < threshold:
+        return "passes"
+    if last_step.ci_low >= threshold:
+        return "fails"
+    return "inconclusive"
