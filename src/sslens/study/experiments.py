@@ -41,7 +41,7 @@ from sslens.study import sections
 from sslens.study.cache import StageResult
 from sslens.study.context import StudyContext
 from sslens.study.explainers import build_explainer
-from sslens.study.measures import CHANCE_MAPS, chance_maps, hits, image_mean, item_key
+from sslens.study.measures import CHANCE_DRAWS, CHANCE_MAPS, chance_maps, hits, image_mean, item_key
 from sslens.study.models import StudyModel
 from sslens.study.sharding import explain_rows
 
@@ -276,6 +276,20 @@ def _localization(maps: torch.Tensor, masks: torch.Tensor, settings: dict, seed:
     )
 
 
+def _chance_localization(masks: torch.Tensor, settings: dict, seed: int) -> dict:
+    """Each chance map's pointing game and relevance mass, per image the mean over
+    :data:`CHANCE_DRAWS` draws (maps and tie-breaking), with bootstrap intervals over images."""
+    scores = {kind: {"pointing_game": 0.0, "relevance_mass": 0.0} for kind in CHANCE_MAPS}
+    for draw in range(CHANCE_DRAWS):
+        for kind, maps in chance_maps(tuple(masks.shape), seed + draw, masks.device).items():
+            raw = localization_scores(maps, masks, ("pointing_game", "relevance_mass"),
+                                      options={"pointing_game": {"tolerance": settings["tolerance"]}}, seed=seed + draw)
+            for metric in scores[kind]:
+                scores[kind][metric] = scores[kind][metric] + np.asarray(raw[metric]["per_image"]) / CHANCE_DRAWS
+    return {kind: {metric: image_mean(values, seed, f"{kind} {metric}") for metric, values in per_metric.items()}
+            for kind, per_metric in scores.items()}
+
+
 @register_experiment(
     "localization",
     title="Localisation against the ground-truth object",
@@ -299,8 +313,7 @@ def localization(ctx: StudyContext, model: StudyModel, settings: dict, samples: 
         maps = ctx.explain_fn(name, encoder)(images).to(images.device)
         results["explainers"][name], per_image = _localization(maps, masks, settings, ctx.seed)
         arrays.update({item_key(name, metric): values for metric, values in per_image.items()})
-    for kind, maps in chance_maps(tuple(masks.shape), ctx.seed, images.device).items():
-        results["chance"][kind], _ = _localization(maps, masks, settings, ctx.seed)
+    results["chance"] = _chance_localization(masks, settings, ctx.seed)
     results["object_area"] = image_mean(masks.flatten(1).float().mean(1).cpu().numpy(), ctx.seed, "object area")
     results["num_images"] = len(indices)
     return StageResult(results, arrays)

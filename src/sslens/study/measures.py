@@ -26,6 +26,10 @@ from sslens.stats import bootstrap_mean, wilson
 #: The reference maps every map metric is also measured on, in report order.
 CHANCE_MAPS = ("random map", "constant map")
 
+#: Chance maps drawn per image where scoring them is cheap (localisation): one draw's pointing
+#: game is a single coin flip per image, far noisier than the explainer's score.
+CHANCE_DRAWS = 32
+
 
 def item_key(*parts: str) -> str:
     """The stage-array name of a per-item metric, e.g. ``items__relax__deletion_auc``."""

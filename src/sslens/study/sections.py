@@ -34,7 +34,7 @@ from sslens.report.figures import (
 from sslens.report.html import Table
 from sslens.stats import format_estimate, over_seeds
 from sslens.study import compare
-from sslens.study.measures import CHANCE_MAPS
+from sslens.study.measures import CHANCE_DRAWS, CHANCE_MAPS
 from sslens.study.spec import RANDOM_INIT
 
 FLAG = "FLAGGED: maps ignore the weights"
@@ -229,10 +229,11 @@ def localization(ctx, outputs: dict, settings: dict) -> SectionContent:
         [Table(["model", "map", "pointing game", "relevance mass"], rows,
                f"Over {first['num_images']} test images with an object mask (objects cover "
                f"{format_estimate(area)} of the image): pointing game with Wilson intervals, relevance "
-               f"mass (offset-free: the map minus its mean, positive part) with bootstrap intervals. The "
-               f"random map scores about the object's area on the pointing game and near 0 on the mass, "
-               f"the constant map 0 on the mass; the {RANDOM_INIT} row shows how much of the score "
-               f"low-level contrast alone earns.")],
+               f"mass (offset-free: the map minus its mean, positive part) with bootstrap intervals. Chance "
+               f"rows average {CHANCE_DRAWS} draws per image: a random map scores about the object's area "
+               f"on both, a constant map the area on the pointing game (its ties broken at random) and 0 "
+               f"on the mass. The {RANDOM_INIT} row shows how much of the score low-level contrast alone "
+               f"earns.")],
     )
 
 
