@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from sslens.data.augment import create_views
 from sslens.evaluate.embedding import effective_perplexity, tsne_embedding
 from sslens.evaluate.features import extract_features
+from sslens.evaluate.health import embedding_health, health_warnings
 from sslens.evaluate.quality import evaluate_encoder
 from sslens.explain.gradcam import flip_and_crop
 from sslens.explain.metrics.faithfulness import deletion_insertion
@@ -41,7 +43,15 @@ from sslens.study import sections
 from sslens.study.cache import StageResult
 from sslens.study.context import StudyContext
 from sslens.study.explainers import build_explainer
-from sslens.study.measures import CHANCE_DRAWS, CHANCE_MAPS, chance_maps, hits, image_mean, item_key
+from sslens.study.measures import (
+    CHANCE_DRAWS,
+    CHANCE_MAPS,
+    chance_maps,
+    hits,
+    image_mean,
+    item_key,
+    seed_for,
+)
 from sslens.study.models import StudyModel
 from sslens.study.sharding import explain_rows
 
@@ -51,7 +61,7 @@ EXPERIMENTS = Registry("experiment")
 
 #: The experiments a study runs when its config names none, in report order.
 DEFAULT_EXPERIMENTS = (
-    "quality", "tsne", "invariance", "faithfulness", "localization", "sanity", "perceptual",
+    "quality", "health", "tsne", "invariance", "faithfulness", "localization", "sanity", "perceptual",
     "gradcam_pairs", "tradeoff",
 )
 
@@ -126,6 +136,42 @@ def quality(ctx: StudyContext, model: StudyModel, settings: dict, samples: int |
     }
     arrays = {item_key(name): right.astype(np.uint8) for name, right in correct.items()}
     return StageResult(results, arrays)
+
+
+#: The views every model's alignment is measured with: one recipe for all, so models compare.
+HEALTH_VIEWS = "simclr"
+
+
+@register_experiment(
+    "health",
+    title="Label-free health of the representations",
+    reading_aid="Effective rank (RankMe; its maximum is min(images, dimensions)), alignment of two views (lower is better), uniformity (lower is better, a collapse scores 0) and the std of l2-normalised embeddings (about 1/sqrt(D) when spread, 0 when collapsed), on held-out images; then what the training log warned about.",
+    section=sections.health,
+    samples=512,
+    min_samples=8,
+)
+def health(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
+    """:func:`~sslens.evaluate.health.embedding_health` of the pooled and projection outputs on
+    held-out images (two views from one recipe for every model), and the training log's health
+    records and warnings."""
+    indices = ctx.sample("health", samples)
+    images = ctx.images(indices)
+    data = ctx.test_data
+    pixels = data.images[indices.to(data.images.device) if torch.is_tensor(data.images) else indices].cpu()
+    recipe = create_views(HEALTH_VIEWS, image_size=data.image_size[0], mean=ctx.mean, std=ctx.std)
+    first, second = recipe(pixels, ctx.generator("health.views"))[:2]
+    encoders = {output: model.encoder(output, data) for output in ("pooled", "projection")}
+    results: dict[str, Any] = embedding_health(
+        encoders, images, (first.to(ctx.device), second.to(ctx.device)), seed=seed_for(ctx.seed, "health"),
+    )
+    log = [r for r in model.training_log() if r.get("kind") == "epoch"]
+    keys = ("epoch", "loss", "positive_pair_top1", "rankme_projection", "std_projection", "std_reference",
+            "health_warning")
+    results["training"] = [{k: r[k] for k in keys if k in r} for r in log]
+    results["warnings"] = health_warnings(log)
+    results["num_images"] = len(indices)
+    results["views"] = HEALTH_VIEWS
+    return StageResult(results)
 
 
 @register_experiment(

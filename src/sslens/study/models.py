@@ -37,7 +37,7 @@ from sslens.study.spec import RANDOM_INIT, ModelSpec
 from sslens.train.config import TrainConfig
 
 #: TrainConfig keys that do not change the learned weights' recipe.
-IGNORED_TRAIN_KEYS = ("out", "progress", "device", "compile")
+IGNORED_TRAIN_KEYS = ("out", "progress", "device", "compile", "health_every")
 
 
 @dataclass
@@ -61,6 +61,12 @@ class StudyModel:
         return adapt_input(
             self.method.encoder(output), self.meta, image_size=data.image_size, mean=data.mean, std=data.std
         )
+
+    def training_log(self) -> list[dict]:
+        """The records of the run that trained this model (none for a checkpoint or the floor)."""
+        if self.model_file is None or self.source not in ("trained", "reused"):
+            return []
+        return RunDir(self.model_file.parent.parent).read_log()
 
     def describe(self, root: Path) -> dict[str, Any]:
         """What ``results.json`` records of the model; its file relative to the study folder ``root``."""

@@ -113,6 +113,35 @@ def quality(ctx, outputs: dict, settings: dict) -> SectionContent:
     )
 
 
+def health(ctx, outputs: dict, settings: dict) -> SectionContent:
+    rows, notes = [], []
+    for model, output in outputs.items():
+        r = output.results
+        for name in ("pooled", "projection"):
+            e = r[name]
+            rows.append([model, name, f"{e['rankme']:.1f} of {e['max_rank']}", e["std"], e["std_reference"],
+                         e["alignment"], e["uniformity"]])
+        notes += [f"{model}: {warning}" for warning in r["warnings"]]
+    logged = {m: o.results["training"] for m, o in outputs.items() if o.results["training"]}
+    figures = []
+    for key, label in (("positive_pair_top1", "positive-pair top-1 (training batches)"),
+                       ("std_projection", "normalised std of the projection")):
+        curves = {m: (np.asarray([r["epoch"] for r in log if key in r]), np.asarray([r[key] for r in log if key in r]))
+                  for m, log in logged.items() if any(key in r for r in log)}
+        if curves:
+            figures.append((key, f"{label.capitalize()} per training epoch, from each run's log.",
+                            curves_figure(curves, xlabel="epoch", ylabel=label, title=label)))
+    if not notes:
+        notes.append("No training log warned about a falling positive-pair top-1 or a collapsing projection.")
+    first = next(iter(outputs.values())).results
+    return SectionContent(figures, [Table(
+        ["model", "output", "effective rank (RankMe)", "normalised std", "1/√D", "alignment", "uniformity"], rows,
+        f"On {first['num_images']} held-out images; alignment between two views from the {first['views']!r} recipe "
+        f"(the same for every model). Std, alignment and uniformity with 95% bootstrap intervals over images; "
+        f"RankMe without one: a resample repeats images, which lowers the rank, so its interval would be biased "
+        f"— read it against the {RANDOM_INIT} row and its maximum.")], notes)
+
+
 def tsne(ctx, outputs: dict, settings: dict) -> SectionContent:
     names = ctx.test_data.class_names
     figures = []
@@ -324,10 +353,20 @@ def _verdicts(ctx, models: list[str]) -> str | None:
     return "; ".join(parts)
 
 
+def _health(ctx, models: list[str]) -> str | None:
+    stages = ctx.outputs["health"]
+    if not all(m in stages for m in models):
+        return None
+    ranks = " / ".join(f"{stages[m].results['pooled']['rankme']:.1f}" for m in models)
+    warned = sum(bool(stages[m].results["warnings"]) for m in models)
+    return f"{ranks}; " + (f"warned ({warned}/{len(models)})" if warned else "no warning")
+
+
 def tradeoff_columns(ctx) -> dict[str, str]:
     """The trade-off table's columns: {row key: header}."""
     headline = [m for m in compare.metrics(ctx) if m.headline]
-    return {"model": "model", **{m.key: m.label for m in headline}, "sanity": "sanity check",
+    health = {"health": "health (RankMe pooled; warnings)"} if "health" in ctx.outputs else {}
+    return {"model": "model", **{m.key: m.label for m in headline}, "sanity": "sanity check", **health,
             "training_seconds": "training time (s)"}
 
 
@@ -341,12 +380,15 @@ def tradeoff_rows(ctx) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"model": unit}
         row.update({m.key: compare.estimate(ctx, m, models) for m in headline})
         row["sanity"] = _verdicts(ctx, models)
+        if "health" in ctx.outputs:
+            row["health"] = _health(ctx, models)
         row["training_seconds"] = None if None in seconds else float(np.mean(seconds))
         rows.append(row)
     if rows:
         first = compare.units(ctx)[rows[0]["model"]]
         chance = {"model": "chance"} | {m.key: compare.chance(ctx, m, first) for m in headline}
-        rows.append(chance | {"sanity": None, "training_seconds": None})
+        rows.append(chance | {"sanity": None, "training_seconds": None}
+                    | ({"health": None} if "health" in ctx.outputs else {}))
     return rows
 
 

@@ -70,6 +70,10 @@ class TrainConfig:
             statistics. MoCo's key encoder keeps its shuffled BN either way.
         knn_every: run the held-out kNN monitor every this many epochs (0 = off).
         knn_k, knn_temperature: neighbours and temperature of the kNN monitor.
+        health_every: log the label-free health of the embedding every this many epochs (0 =
+            off): RankMe, alignment, uniformity and normalised std on a fixed probe of
+            training images (:mod:`sslens.evaluate.health`), with a warning when positive-pair
+            top-1 keeps falling or the std collapses. It never changes the learned weights.
         log_every: write a log record every this many steps.
         checkpoint_every: write a checkpoint every this many epochs (and after the last).
         keep_checkpoints: how many of the newest checkpoints to keep.
@@ -104,6 +108,7 @@ class TrainConfig:
     knn_every: int = 10
     knn_k: int = 200
     knn_temperature: float = 0.1
+    health_every: int = 1
     log_every: int = 50
     checkpoint_every: int = 5
     keep_checkpoints: int = 2
@@ -165,6 +170,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("knn_every", _non_negative, "zero (off) or a positive number of epochs"),
     ("knn_k", _positive, "a positive number of neighbours"),
     ("knn_temperature", _positive, "positive"),
+    ("health_every", _non_negative, "zero (off) or a positive number of epochs"),
     ("log_every", _positive, "a positive number of steps"),
     ("checkpoint_every", _positive, "a positive number of epochs"),
     ("keep_checkpoints", _positive, "at least 1"),

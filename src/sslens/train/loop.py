@@ -44,7 +44,7 @@ import torch
 
 from sslens.atomic import atomic_write_bytes, directory_lock
 from sslens.data.augment import VIEW_RECIPES, create_views
-from sslens.data.base import data_fingerprint
+from sslens.data.base import data_fingerprint, normalize, to_float
 from sslens.device import resolve_device
 from sslens.distributed import (
     barrier,
@@ -57,6 +57,7 @@ from sslens.distributed import (
 )
 from sslens.errors import SslensWarning, UserError
 from sslens.evaluate.features import extract_features, labels_of
+from sslens.evaluate.health import embedding_health, health_warnings
 from sslens.evaluate.knn import knn_top1
 from sslens.methods.base import METHODS, create_method
 from sslens.models.base import create_backbone
@@ -137,6 +138,8 @@ def _train(run: RunDir, config: TrainConfig, setup: _Setup, checkpoint: Path | N
     model = data_parallel(method, device) if current.distributed else method
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     total_steps, warmup_steps = setup.total_steps, setup.warmup_steps
+    probe = _HealthProbe(setup) if config.health_every > 0 else None
+    history = list(log.kept) if log is not None else []
 
     def written() -> None:
         """After a checkpoint or the model is on disk: what a resumed run deferred, and the
@@ -174,6 +177,10 @@ def _train(run: RunDir, config: TrainConfig, setup: _Setup, checkpoint: Path | N
             record["epoch_time_s"] = time.perf_counter() - epoch_meter.started
             if setup.test_data is not None and (epoch % config.knn_every == 0 or epoch == config.epochs):
                 record["knn_top1"] = _knn_monitor(method, setup.train_data, setup.test_data, config, device)
+            if probe is not None and (epoch % config.health_every == 0 or epoch == config.epochs):
+                record.update(probe.measure(method))
+                _warn_health(record, history)
+            history.append(record)
             _emit(record, log, progress)
             if finished_epoch and (epoch % config.checkpoint_every == 0 or epoch == config.epochs) and current.is_main:
                 run.save_checkpoint(
@@ -296,7 +303,7 @@ def _restore(checkpoint: Path, setup: _Setup) -> tuple[int, int]:
 #: monitors and runs on. Any other change would train something else than the checkpoint did.
 RESUMABLE_CHANGES = (
     "epochs", "max_steps", "out", "progress", "device", "compile", "knn_every", "knn_k", "knn_temperature",
-    "log_every", "checkpoint_every", "keep_checkpoints",
+    "health_every", "log_every", "checkpoint_every", "keep_checkpoints",
 )
 
 
@@ -509,6 +516,7 @@ class _RunLog:
     def __init__(self, run: RunDir, *, resume_step: int | None):
         self.path = run.log_file
         self.pending: list[dict] | None = None
+        self.kept: list[dict] = []
         if resume_step is None:
             self.path.write_text("")
         else:
@@ -579,6 +587,57 @@ class _Eager(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.forward(x)
+
+
+def _eager_encoder(method: Any, output: str) -> torch.nn.Module:
+    """``method.encoder(output)`` with each compiled child (backbone, head) run eagerly."""
+    encoder = method.encoder(output)
+    if isinstance(encoder, torch.nn.Sequential):
+        return torch.nn.Sequential(*(_Eager(part) for part in encoder))
+    return _Eager(encoder)
+
+
+#: Training images the per-epoch health is measured on (the same ones every epoch).
+HEALTH_PROBE_IMAGES = 256
+
+
+class _HealthProbe:
+    """The run's label-free health monitor (:mod:`sslens.evaluate.health`): the first
+    :data:`HEALTH_PROBE_IMAGES` training images and two views of them drawn once from the run's
+    recipe with a generator of its own, so every epoch is measured on the same inputs and
+    neither the weights nor the training's random streams are touched."""
+
+    def __init__(self, setup: _Setup):
+        data, count = setup.train_data, min(HEALTH_PROBE_IMAGES, len(setup.train_data))
+        pixels = data.images[:count].to(setup.device)
+        self.images = normalize(to_float(pixels), data.mean, data.std)
+        generator = torch.Generator(device=setup.device).manual_seed(setup.config.seed)
+        views = setup.recipe(pixels, generator)
+        # The first two views: SwAV's global crops (its local crops are smaller).
+        self.views = (views[0], views[1])
+
+    def measure(self, method: Any) -> dict[str, float]:
+        encoders = {output: _eager_encoder(method, output) for output in ("pooled", "projection")}
+        health = embedding_health(encoders, self.images, self.views, intervals=False)
+        return {
+            "rankme_pooled": health["pooled"]["rankme"],
+            "rankme_projection": health["projection"]["rankme"],
+            "std_projection": health["projection"]["std"],
+            "std_reference": health["projection"]["std_reference"],
+            "alignment_projection": health["projection"]["alignment"],
+            "uniformity_projection": health["projection"]["uniformity"],
+        }
+
+
+def _warn_health(record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Add to ``record`` (and warn once about) what :func:`health_warnings` finds new in it."""
+    # Each kind of warning names the first epoch it appears at, so an old one reads the same.
+    before = set(health_warnings(history))
+    new = [warning for warning in health_warnings([*history, record]) if warning not in before]
+    if new:
+        record["health_warning"] = "; ".join(new)
+        if world().is_main:
+            warnings.warn(f"Training health: {record['health_warning']}", SslensWarning, stacklevel=3)
 
 
 def _knn_monitor(method: Any, train_data: Any, test_data: Any, config: TrainConfig, device: torch.device) -> float:
