@@ -118,3 +118,22 @@ def test_explain_perceptual_components_tolerate_spaces_and_depth_model_is_checke
     capsys.readouterr()
     assert call(*common, "--method", "relax", "--depth-model", "MiDaS_small") == 2
     assert "--depth-model does not apply to the relax explainer" in capsys.readouterr().err
+
+
+def test_groundtruth_trains_only_its_own_models_and_prints_a_verdict_per_test(tmp_path, capsys):
+    out = tmp_path / "gt"
+    status = call(
+        "groundtruth", "--out", str(out), "--no-progress", "--set", "settings.groundtruth.epochs=1",
+        "--set", "settings.groundtruth.num_images=64", "--set", "samples.groundtruth=8",
+        "--set", "settings.groundtruth.tests=[planted_cue, grayscale_floor]",
+    )
+    assert status in (0, None)
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("planted", "grayscale"))]
+    assert [line[:2] for line in lines] == [["planted_cue", "relax"], ["planted_cue", "gradcam"],
+                                            ["grayscale_floor", "color"]]
+    assert all(line[2] in ("passes", "fails", "inconclusive") for line in lines)
+    assert lines[-1][2] == "passes"  # the floor holds whatever the training
+    assert sorted(p.name for p in (out / "groundtruth").iterdir()) == ["cue", "cue-control", "no-augmentation"]
+    assert not (out / "models").exists()
+    assert call("groundtruth", "--out", str(out), "--set", "settings.groundtruth.tests=[cue]") == 2
+    assert "unknown test 'cue'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from sslens.stats import (
     format_estimate,
     over_seeds,
     paired_difference,
+    paired_ratio,
     wilson,
 )
 
@@ -103,3 +104,17 @@ def test_formatting():
     assert format_estimate(wilson(1, 2, unit="images")) == "0.500 [0.095, 0.905]"
     assert format_estimate(exact(0.0, 8, "images")) == "0.000"
     assert format_estimate({"mean": None, "ci_low": None, "ci_high": None}) == "–"
+
+
+def test_paired_ratio_is_the_ratio_of_means_with_a_paired_interval():
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0.5, 1.5, 200)
+    exact_ratio = paired_ratio(2 * b, b, unit="images", seed=0)
+    # a = 2b on every item: every resample's ratio is 2, so the interval has zero width.
+    assert exact_ratio.mean == pytest.approx(2) and exact_ratio.half_width == pytest.approx(0, abs=1e-12)
+    noisy = paired_ratio(b * 1.5 + rng.normal(0, 0.2, 200), b, unit="images", seed=1)
+    assert noisy.ci_low < 1.5 < noisy.ci_high and noisy.half_width < 0.1 and noisy.method == "paired bootstrap ratio"
+    assert paired_ratio([1.0, np.nan, 2.0], [1.0, 5.0, 1.0], unit="images", seed=0).n == 2
+    assert np.isnan(paired_ratio([1.0, 2.0], [0.0, 0.0], unit="images", seed=0).mean)
+    with pytest.raises(ValueError, match="same items"):
+        paired_ratio([1.0], [1.0, 2.0], unit="images", seed=0)

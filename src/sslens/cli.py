@@ -9,6 +9,7 @@ function decorated with ``@app.command()`` that parses options and calls library
 from __future__ import annotations
 
 import errno
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -293,6 +294,40 @@ def study_command(
     overrides = {key: value for key, value in flags.items() if value is not None}
     overrides.update(parse_overrides(set_ or []))
     _run_study_command(load_study_config(config, overrides), out, progress)
+
+
+@app.command("groundtruth", short_help="Check the explainers against answers known in advance.")
+def groundtruth_command(
+    out: Annotated[Path, typer.Option(help="Output folder: groundtruth/ (its models), cache/, results.json, report.html.")],
+    config: Annotated[Path, typer.Option(
+        "--config", "-c", help="Study YAML whose explainer options are checked (default: the demo's).",
+    )] = Path("study-demo"),
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (overrides the file).")] = None,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="Rich progress bar (default: only on a terminal).", show_default=False,
+    )] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="Set any study key, e.g. settings.groundtruth.epochs=40 (repeatable).",
+    )] = None,
+) -> None:
+    """Train small models whose answer is known (a planted marker, colour and blur policies, a
+    grayscale-only encoder) and report whether each explainer finds it: passes, fails or inconclusive.
+
+    The same as the study experiment `groundtruth` run alone; the study's own models are not trained.
+    """
+    from sslens.distributed import world
+    from sslens.study import run_study
+    from sslens.study.config import load_study_config, parse_overrides
+
+    overrides = {"experiments": ["groundtruth"], **({"device": device} if device else {})}
+    overrides.update(parse_overrides(set_ or []))
+    outcome = run_study(load_study_config(config, overrides), out, progress="auto" if progress is None else progress)
+    if world().is_main:
+        rows = json.loads(outcome.results.read_text())["experiments"]["groundtruth"]["study"]["tests"]
+        for row in rows:
+            what = row.get("explainer") or row.get("component")
+            typer.echo(f"{row['test']:<16} {what:<10} {row['verdict']}")
+        typer.echo(f"Report: {outcome.report} (numbers in {outcome.results}; {outcome.seconds:.0f} s)")
 
 
 @app.command("demo", short_help="The packaged CPU demo study (under 5 minutes).")

@@ -167,6 +167,36 @@ def paired_difference(
                           method="paired bootstrap")
 
 
+def paired_ratio(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    unit: str,
+    seed: int,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+) -> Estimate:
+    """Bootstrap interval of ``mean(a) / mean(b)`` over paired items (both resampled with the
+    same indices), from the items defined in both; undefined when ``mean(b)`` is not positive."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"a paired ratio needs the same items in both; got {a.shape} and {b.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if len(a) == 0 or b.mean() <= 0:
+        return undefined(unit, "paired bootstrap ratio")
+    ratio = float(a.mean() / b.mean())
+    rng = np.random.Generator(np.random.PCG64(seed))
+    ratios = np.empty(resamples)
+    for start in range(0, resamples, _CHUNK):
+        count = min(_CHUNK, resamples - start)
+        index = rng.integers(0, len(a), size=(count, len(a)))
+        ratios[start : start + count] = a[index].mean(axis=1) / np.maximum(b[index].mean(axis=1), 1e-300)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return Estimate(ratio, float(low), float(high), len(a), unit, "paired bootstrap ratio")
+
+
 def over_seeds(values: Sequence[float], *, confidence: float = CONFIDENCE) -> Estimate:
     """Student's t interval of the mean over training seeds (at least two for an interval)."""
     from scipy.stats import t

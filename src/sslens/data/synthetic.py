@@ -12,6 +12,12 @@ Everything is generated on the CPU in two pure, vectorised steps:
 * :func:`render` turns those parameters into (N, H, W, 3) uint8 images, (N, H, W) bool masks and
   (N, H, W) float32 inverse depth, using coordinate grids, per-image rotation and inside tests.
 
+Optionally (``cue=True``) each image also carries a *planted cue*: a small black-and-white code,
+different in every image, stamped over the scene (:func:`sample_cues`, :func:`stamp_cues`). A
+contrastive model can tell its training images apart by reading the code, so a model trained on
+marked images depends on the marker and one trained without it does not: an answer known in
+advance that explainers are checked against.
+
 >>> data = load_synthetic("train", image_size=32, num_images=16, seed=0)
 >>> tuple(data.images.shape), data.class_names[:3]
 ((16, 32, 32, 3), ['circle', 'crescent', 'cross'])
@@ -28,7 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sslens.checks import fraction, is_int
+from sslens.checks import fraction, is_int, suggestion
 from sslens.data.base import DATASETS, ImageData
 from sslens.errors import DatasetError
 
@@ -43,6 +49,13 @@ NOISE_CELLS = 8  # the noise background is an 8 x 8 random grid, bilinearly upsa
 COLOR_CANDIDATES = 16
 CLASS_HUE_SPREAD = 0.08  # width of a class's hue band (the bands are 1 / num_classes apart)
 MAX_PIXELS_PER_CHUNK = 2**22  # render this many pixels at a time to bound memory
+#: Where the planted cue goes: a named place, or "random" (uniform over every position where the
+#: whole marker fits, drawn per image). Corners touch the image border.
+CUE_POSITIONS = ("random", "center", "top-left", "top-right", "bottom-left", "bottom-right")
+#: The colours a cue's cells take: black and white, or the 8 corners of the RGB cube.
+CUE_PALETTES = {"binary": ((0, 0, 0), (255, 255, 255)), "gray": ((80, 80, 80), (176, 176, 176)), "cube": tuple(
+    (255 * (i >> 2 & 1), 255 * (i >> 1 & 1), 255 * (i & 1)) for i in range(8)
+)}
 
 # Measured once with ``load_synthetic("train", image_size=32, num_images=20000, seed=0)``:
 # ``images.float().div(255).mean((0, 1, 2))`` and ``.std((0, 1, 2))``. Other sizes and seeds differ
@@ -437,6 +450,85 @@ def render(
     return images, mask, depth.to(torch.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class CueParams:
+    """The planted cue of N images: a ``cells`` x ``cells`` code of black/white cells of
+    ``cell_size`` px, its top-left pixel at ``position``."""
+
+    pattern: torch.Tensor  # (N, cells, cells) int64 index into the palette
+    position: torch.Tensor  # (N, 2) int64 (row, column) of the marker's top-left pixel
+    cell_size: int
+
+    @property
+    def side(self) -> int:
+        """The marker's side in pixels."""
+        return self.pattern.shape[-1] * self.cell_size
+
+
+def cue_generator(seed: int, split: str, index: int) -> torch.Generator:
+    """The cue's own generator for image ``index`` of (seed, split).
+
+    A separate stream per image (not the scene's generator), so switching the cue on leaves
+    every scene parameter, and so every pixel outside the marker, bitwise unchanged, and image
+    i's code does not depend on how many images are drawn.
+    """
+    digest = hashlib.sha256(f"sslens.synthetic.cue/{seed}/{split}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def sample_cues(
+    n: int, seed: int, split: str, image_size: int, *, cells: int, cell_size: int, position: str,
+    colors: int = 2,
+) -> CueParams:
+    """Draw the cue of each of ``n`` images: cells i.i.d. uniform over ``colors`` palette
+    entries, and for ``position="random"`` a top-left pixel uniform over every place where the
+    whole marker fits."""
+    side = cells * cell_size
+    span = image_size - side  # the largest top-left coordinate that keeps the marker inside
+    patterns, positions = [], []
+    for index in range(n):
+        g = cue_generator(seed, split, index)
+        patterns.append(torch.randint(colors, (cells, cells), generator=g))
+        # Drawn for every position option, so the codes do not depend on where they go.
+        positions.append(torch.randint(span + 1, (2,), generator=g))
+    pattern = torch.stack(patterns)
+    if position == "random":
+        where = torch.stack(positions)
+    else:
+        row = {"top": 0, "center": span // 2, "bottom": span}[position.split("-")[0]]
+        col = {"left": 0, "center": span // 2, "right": span}[position.split("-")[-1]]
+        where = torch.tensor([row, col]).expand(n, 2).clone()
+    return CueParams(pattern=pattern, position=where, cell_size=cell_size)
+
+
+def cue_masks(cues: CueParams, image_size: int) -> torch.Tensor:
+    """(N, S, S) bool: the pixels each image's marker covers."""
+    pixels = torch.arange(image_size)
+    top, left = cues.position[:, 0, None], cues.position[:, 1, None]
+    rows = (pixels >= top) & (pixels < top + cues.side)  # (N, S)
+    cols = (pixels >= left) & (pixels < left + cues.side)
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def stamp_cues(
+    images: torch.Tensor, cues: CueParams, palette: str = "binary"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw each image's marker over it in the colours of ``palette``, nothing else touched.
+
+    Returns (stamped images (N, S, S, 3) uint8, cue masks (N, S, S) bool).
+    """
+    n, s = images.shape[:2]
+    mask = cue_masks(cues, s)
+    pixels = torch.arange(s)
+    # Each pixel's cell in its image's code (clamped outside the marker, where mask is False).
+    cell_row = ((pixels - cues.position[:, 0, None]) // cues.cell_size).clamp(0, cues.pattern.shape[1] - 1)
+    cell_col = ((pixels - cues.position[:, 1, None]) // cues.cell_size).clamp(0, cues.pattern.shape[2] - 1)
+    batch = torch.arange(n)[:, None, None]
+    cell = cues.pattern[batch, cell_row[:, :, None], cell_col[:, None, :]]  # (N, S, S)
+    code = torch.tensor(CUE_PALETTES[palette], dtype=torch.uint8)[cell]  # (N, S, S, 3)
+    return torch.where(mask[..., None], code, images), mask
+
+
 def split_generator(seed: int, split: str) -> torch.Generator:
     """A generator for (seed, split): train and test of one seed draw from unrelated streams.
 
@@ -470,6 +562,33 @@ def _check_int(name: str, value: object, minimum: int, hint: str) -> int:
     return value
 
 
+def _check_cue(
+    cue: object, cells: object, cell_size: object, position: object, palette: object, image_size: int
+) -> bool:
+    """The cue options, checked whether or not the cue is on (a typo should not wait for cue=True)."""
+    if not isinstance(cue, bool):
+        raise TypeError(f"synthetic: cue must be True or False; got {cue!r} ({type(cue).__name__}).")
+    cells = _check_int("cue_cells", cells, 2, "A code needs at least 2 x 2 cells (4 bits).")
+    cell_size = _check_int("cue_cell_size", cell_size, 1, "Cells are at least one pixel wide.")
+    if position not in CUE_POSITIONS:
+        raise ValueError(
+            f"synthetic: cue_position must be one of {', '.join(CUE_POSITIONS)}; got {position!r}."
+            f"{suggestion(position, CUE_POSITIONS)}"
+        )
+    if palette not in CUE_PALETTES:
+        raise ValueError(
+            f"synthetic: cue_palette must be one of {', '.join(CUE_PALETTES)}; got {palette!r}."
+            f"{suggestion(palette, CUE_PALETTES)}"
+        )
+    side = cells * cell_size
+    if side > image_size:
+        raise ValueError(
+            f"synthetic: the cue is {cells} cells x {cell_size} px = {side} px wide, larger than the "
+            f"{image_size}-px images; lower cue_cells or cue_cell_size."
+        )
+    return cue
+
+
 @DATASETS.register("synthetic")
 def load_synthetic(
     split: str,
@@ -482,6 +601,11 @@ def load_synthetic(
     texture_correlation: float = 0.0,
     background_contrast: float = 1.0,
     background_saturation: float = 0.25,
+    cue: bool = False,
+    cue_cells: int = 4,
+    cue_cell_size: int = 2,
+    cue_position: str = "random",
+    cue_palette: str = "binary",
 ) -> ImageData:
     """The shapes world for ``split``: labelled images with exact object masks and depth.
 
@@ -505,12 +629,28 @@ def load_synthetic(
             colourful thing in the scene; with fully saturated backgrounds a short
             self-supervised run mostly encodes the background's colour (measured: RELAX then
             puts no more importance on the object than off it).
+        cue: stamp a planted cue on every image: a ``cue_cells`` x ``cue_cells`` grid of black
+            and white cells of ``cue_cell_size`` px (default 4 x 4 cells of 2 px: 8 x 8 px, a
+            16-bit code), a different random code per image, drawn over everything else. The
+            codes and positions come from a generator of their own per (seed, split, image
+            index) (:func:`cue_generator`), so every pixel outside the marker is bitwise the
+            pixel of ``cue=False``, as are the labels, masks and depth: ``masks`` still holds
+            the whole object, including pixels the marker covers (``masks & ~cue_mask`` is the
+            visible object).
+        cue_cells: cells per side of the code (>= 2).
+        cue_cell_size: side of a cell in pixels (>= 1).
+        cue_position: where the marker goes: ``"random"`` (default: per image, uniform over
+            every place where it fits whole) or one of ``"center"``, ``"top-left"``,
+            ``"top-right"``, ``"bottom-left"``, ``"bottom-right"`` (touching the corner).
 
     Returns:
         ImageData with ``masks`` and ``depth`` set and ``extras`` holding per-image tensors:
         center (N, 2), size (N,), angle (N,), texture (N,) index into ``TEXTURE_KINDS``,
         background (N,) index into ``BACKGROUND_KINDS``, num_distractors (N,),
-        object_colors (N, 2, 3) uint8 and background_colors (N, 2, 3) uint8.
+        object_colors (N, 2, 3) uint8 and background_colors (N, 2, 3) uint8; with ``cue=True``
+        also cue_mask (N, H, W) bool (the marker's pixels), cue_position (N, 2) int64 (row,
+        column of its top-left pixel) and cue_pattern (N, cue_cells, cue_cells) bool (True =
+        white).
     """
     if split not in ("train", "test"):
         raise ValueError(f"synthetic: split must be 'train' or 'test'; got {split!r}.")
@@ -527,6 +667,7 @@ def load_synthetic(
         ("background_saturation", background_saturation),
     ):
         fraction(f"synthetic: {name}", value)
+    cue = _check_cue(cue, cue_cells, cue_cell_size, cue_position, cue_palette, image_size)
     _check_memory(num_images, image_size)
 
     params = sample_params(
@@ -549,6 +690,15 @@ def load_synthetic(
         "object_colors": to_uint8(params.object_colors),
         "background_colors": to_uint8(params.background_colors),
     }
+    cue_source = ""
+    if cue:
+        cues = sample_cues(
+            num_images, seed, split, image_size, cells=cue_cells, cell_size=cue_cell_size,
+            position=cue_position, colors=len(CUE_PALETTES[cue_palette]),
+        )
+        images, extras["cue_mask"] = stamp_cues(images, cues, cue_palette)
+        extras["cue_position"], extras["cue_pattern"] = cues.position, cues.pattern
+        cue_source = f", cue={cue_cells}x{cue_cells} {cue_palette} cells of {cue_cell_size} px at {cue_position}"
     return ImageData(
         images=images,
         labels=params.label,
@@ -561,7 +711,7 @@ def load_synthetic(
             f"synthetic shapes world, split={split}, image_size={image_size}, "
             f"num_images={num_images}, seed={seed}, distractors={distractors}, "
             f"color_correlation={color_correlation}, texture_correlation={texture_correlation}, "
-            f"background_contrast={background_contrast}, background_saturation={background_saturation}"
+            f"background_contrast={background_contrast}, background_saturation={background_saturation}{cue_source}"
         ),
         extras=extras,
     )

@@ -170,14 +170,15 @@ def _experiments(raw: Any, samples: Any, settings: Any) -> tuple[list[str], dict
     names = list(DEFAULT_EXPERIMENTS) if raw is None else check_type("experiments", raw, list)
     for name in names:
         if name not in EXPERIMENTS:
-            raise unknown_key_error(str(name), "in experiments", list(DEFAULT_EXPERIMENTS))
+            raise unknown_key_error(str(name), "in experiments", EXPERIMENTS.names())
     if len(set(names)) != len(names):
         raise UserError(f"experiments lists an experiment twice: {names}.")
-    sampled = [n for n in DEFAULT_EXPERIMENTS if EXPERIMENTS.get(n).samples is not None]
+    known = EXPERIMENTS.names()
+    sampled = [n for n in known if EXPERIMENTS.get(n).samples is not None]
     samples = _named_mapping(samples, "samples", sampled)
-    settings = _named_mapping(settings, "settings", [n for n in DEFAULT_EXPERIMENTS if EXPERIMENTS.get(n).defaults])
+    settings = _named_mapping(settings, "settings", [n for n in known if EXPERIMENTS.get(n).defaults])
     resolved_samples, resolved_settings = {}, {}
-    for name in DEFAULT_EXPERIMENTS:
+    for name in known:
         experiment = EXPERIMENTS.get(name)
         if experiment.samples is not None:
             count = check_type(f"samples.{name}", samples.get(name, experiment.samples), int)
@@ -191,6 +192,8 @@ def _experiments(raw: Any, samples: Any, settings: Any) -> tuple[list[str], dict
             for key, value in given.items():
                 merged[key] = check_type(f"settings.{name}.{key}", value, type(experiment.defaults[key]))
             _check_explainer_names(merged.get("explainers", []), f"settings.{name}.explainers")
+            if experiment.check is not None:
+                experiment.check(merged)
             resolved_settings[name] = merged
     return names, resolved_samples, resolved_settings
 

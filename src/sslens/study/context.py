@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,8 @@ class StudyContext:
         models: the :class:`~sslens.study.models.StudyModel` of each model, by name.
         outputs: ``outputs[experiment][model]`` — the StageResult of each finished stage, so
             summary experiments (the trade-off table) can read the others.
+        out: the study folder; train_fn, say: how the study trains a model and reports one
+            line (for experiments that train models of their own, like ``groundtruth``).
     """
 
     config: StudyConfig
@@ -36,6 +40,9 @@ class StudyContext:
     test_data: Any
     models: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
+    out: Path | None = None
+    train_fn: Callable | None = None
+    say: Callable[[str], None] | None = None
 
     @property
     def seed(self) -> int:

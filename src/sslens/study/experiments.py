@@ -39,7 +39,7 @@ from sslens.explain.metrics.sanity import model_randomization_test
 from sslens.explain.perceptual import COMPONENTS, PerceptualComponents
 from sslens.registry import Registry
 from sslens.stats import exact
-from sslens.study import sections
+from sslens.study import groundtruth, sections
 from sslens.study.cache import StageResult
 from sslens.study.context import StudyContext
 from sslens.study.explainers import build_explainer
@@ -82,6 +82,9 @@ class Experiment:
         min_samples: the fewest images the experiment can work with.
         explainers: explainers it always runs (those listed in ``settings["explainers"]`` are
             added); their options enter the stage's cache key.
+        scope: "model" (``run`` once per model) or "study" (``run(ctx, None, ...)`` once, for
+            an experiment with models of its own; its section gets ``{"study": result}``).
+        check: ``check(settings)`` raises a UserError for settings the types alone do not catch.
     """
 
     title: str
@@ -92,6 +95,8 @@ class Experiment:
     samples: int | None = None
     min_samples: int = 1
     explainers: tuple[str, ...] = ()
+    scope: str = "model"
+    check: Callable[[dict], None] | None = None
 
     def explainers_used(self, settings: dict) -> list[str]:
         return sorted(set(self.explainers) | set(settings.get("explainers", [])))
@@ -496,6 +501,27 @@ def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples:
         "second_maps": explanation.components["reference"].cpu().numpy(),
     }
     return StageResult(results, arrays)
+
+
+@register_experiment(
+    "groundtruth",
+    title="Ground truth: explainers against answers known in advance",
+    reading_aid="Small models trained so that the answer is known: one reads a planted marker, one ignores colour, one ignores high frequencies, one sees only grayscale. Each row says what a working explainer must show, what it showed (95% intervals over test images) and the verdict: passes, fails or inconclusive (the interval straddles the threshold).",
+    section=sections.groundtruth,
+    defaults={
+        "tests": list(groundtruth.TESTS), "explainers": ["relax", "gradcam"], "method": "simclr",
+        "backbone": "resnet-tiny", "image_size": 32, "num_images": 256, "epochs": 30, "batch_size": 64,
+        "lr": 2.0e-3, "method_options": {"temperature": 0.2},
+    },
+    samples=256,
+    min_samples=8,
+    explainers=("perceptual",),
+    scope="study",
+    check=groundtruth.check_settings,
+)
+def ground_truth(ctx: StudyContext, model: None, settings: dict, samples: int | None) -> StageResult:
+    """:func:`sslens.study.groundtruth.run_groundtruth`: its own models, trained once per study."""
+    return groundtruth.run_groundtruth(ctx, settings, samples)
 
 
 register_experiment(

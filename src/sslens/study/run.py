@@ -69,7 +69,16 @@ class StudyOutcome:
 
 
 def _per_model(config: StudyConfig) -> list[str]:
-    return [name for name in config.experiments if EXPERIMENTS.get(name).run is not None]
+    return [name for name in config.experiments
+            if EXPERIMENTS.get(name).run is not None and EXPERIMENTS.get(name).scope == "model"]
+
+
+def _per_study(config: StudyConfig) -> list[str]:
+    return [name for name in config.experiments if EXPERIMENTS.get(name).scope == "study"]
+
+
+#: The cache folder of the study-level stages (not a valid model name, so no model's).
+STUDY_STAGES = "_study"
 
 
 def run_study(
@@ -105,8 +114,10 @@ def run_study(
 def _run(config: StudyConfig, out: Path, device: torch.device, started: float, progress, stream) -> StudyOutcome:
     main = world().is_main
     cache = StageCache(out / "cache")
-    count = len(config.models) + int(config.random_init)
-    total = 2 + len(config.models) + len(_per_model(config)) * count
+    # A study of study-level experiments alone (``sslens groundtruth``) trains none of its models.
+    with_models = bool(_per_model(config))
+    count = (len(config.models) + int(config.random_init)) * with_models
+    total = 2 + len(config.models) * with_models + len(_per_model(config)) * count + len(_per_study(config))
     with StudyProgress(total, bar=progress, stream=stream, quiet=not main) as display:
         with display.stage("loading the dataset"):
             dataset = config.dataset
@@ -117,41 +128,24 @@ def _run(config: StudyConfig, out: Path, device: torch.device, started: float, p
                 )
                 for split in ("train", "test")
             }
-        ctx = StudyContext(config, device, splits["train"], splits["test"])
 
         def train_fn(train_config, resume: bool, overwrite: bool) -> Path:
             with display.paused():
                 return train(dataclasses.replace(train_config, progress=display.use_bar),
                              resume=resume, overwrite=overwrite)
 
-        for spec in config.models:
-            if spec.train is not None:
-                # Before minutes of training: an explainer option the architecture cannot take
-                # (a Grad-CAM layer it lacks, say) fails now.
-                check_explainers(config, spec.name, build_method(_architecture(spec.train)).encoder("pooled"))
-        for spec in config.models:
-            with display.stage(f"model {spec.name}"):
-                ctx.models[spec.name] = prepare_model(
-                    spec, out / "models", device, train_fn=train_fn, say=display.message
-                )
-            if spec.train is None:
-                check_explainers(config, spec.name, ctx.models[spec.name].encoder("pooled", ctx.test_data))
-        if config.random_init:
-            template = next((spec.name for spec in config.models if spec.train is not None), config.models[0].name)
-            ctx.models[RANDOM_INIT] = random_init_model(ctx.models[template], config.seed, device)
+        ctx = StudyContext(config, device, splits["train"], splits["test"], out=out, train_fn=train_fn,
+                           say=display.message)
+        if with_models:
+            _prepare_models(ctx, display)
         for name in _per_model(config):
             inputs = stage_inputs(ctx, name)
             for model in ctx.models.values():
                 key = json_sha256({**inputs, "weights": model.weights_sha256, "version": CACHE_VERSION})
-                # Rank 0 looks up the cache for all ranks: they must run or skip a stage together
-                # (explanation stages are collective), whatever rank 0 has written meanwhile.
-                result = broadcast_object(cache.get(model.name, name, key) if main else None)
-                with display.stage(f"{name} · {model.name}", cached=result is not None):
-                    if result is None:
-                        result = _run_stage(ctx, name, model)
-                        if main:
-                            cache.put(model.name, name, key, result)
-                ctx.outputs.setdefault(name, {})[model.name] = result
+                ctx.outputs.setdefault(name, {})[model.name] = _cached_stage(ctx, cache, display, name, model, key)
+        for name in _per_study(config):
+            key = json_sha256({**stage_inputs(ctx, name), "version": CACHE_VERSION})
+            ctx.outputs[name] = {"study": _cached_stage(ctx, cache, display, name, None, key)}
         with display.stage("writing the report"):
             if main:
                 write_report(ctx, out)
@@ -161,6 +155,41 @@ def _run(config: StudyConfig, out: Path, device: torch.device, started: float, p
         out / "report.html", out / "results.json", tradeoff_rows(ctx), tradeoff_columns(ctx),
         time.perf_counter() - started,
     )
+
+
+def _prepare_models(ctx: StudyContext, display: StudyProgress) -> None:
+    """Train, reuse or load every model of the study (and add the random-init floor)."""
+    config = ctx.config
+    for spec in config.models:
+        if spec.train is not None:
+            # Before minutes of training: an explainer option the architecture cannot take
+            # (a Grad-CAM layer it lacks, say) fails now.
+            check_explainers(config, spec.name, build_method(_architecture(spec.train)).encoder("pooled"))
+    for spec in config.models:
+        with display.stage(f"model {spec.name}"):
+            ctx.models[spec.name] = prepare_model(
+                spec, ctx.out / "models", ctx.device, train_fn=ctx.train_fn, say=display.message
+            )
+        if spec.train is None:
+            check_explainers(config, spec.name, ctx.models[spec.name].encoder("pooled", ctx.test_data))
+    if config.random_init:
+        template = next((spec.name for spec in config.models if spec.train is not None), config.models[0].name)
+        ctx.models[RANDOM_INIT] = random_init_model(ctx.models[template], config.seed, ctx.device)
+
+
+def _cached_stage(ctx: StudyContext, cache: StageCache, display: StudyProgress, name: str, model, key: str) -> StageResult:
+    """Stage ``name`` of ``model`` (None: a study-level stage) from the cache, or run and stored."""
+    main = world().is_main
+    folder = STUDY_STAGES if model is None else model.name
+    # Rank 0 looks up the cache for all ranks: they must run or skip a stage together
+    # (explanation stages are collective), whatever rank 0 has written meanwhile.
+    result = broadcast_object(cache.get(folder, name, key) if main else None)
+    with display.stage(name if model is None else f"{name} · {model.name}", cached=result is not None):
+        if result is None:
+            result = _run_stage(ctx, name, model)
+            if main:
+                cache.put(folder, name, key, result)
+    return result
 
 
 def _architecture(train_config) -> dict:

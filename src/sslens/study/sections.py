@@ -456,3 +456,50 @@ def tradeoff(ctx, outputs: dict, settings: dict) -> SectionContent:
                                            title="Trade-off", reference=(_mean(chance[x_key]), _mean(chance["invariance_iou"])))))
     notes = compare.conclusion(ctx, pairs) + ["How precise these numbers are: " + " ".join(precision_notes(ctx))]
     return SectionContent(figures, tables, notes)
+
+
+def _ground_truth_row(row: dict) -> list:
+    what = explainer_label(row["explainer"]) if "explainer" in row else f"{row['component']} component"
+    if row["test"] == "planted_cue":
+        against = [row["control"], row["random_map"]]
+        contrast = (f"ratio to control {format_estimate(row['ratio'], 2)}, to random "
+                    f"{format_estimate(row['ratio_to_random'], 2)} (threshold {row['threshold']:g})")
+        direct = "–"
+    elif row["test"] == "grayscale_floor":
+        against = ["–", "–"]
+        contrast = f"largest |effect| {row['largest_abs_effect']:.1e} (threshold {row['threshold']:g})"
+        direct = "–"
+    else:
+        against = [row["control"], "–"]
+        contrast = f"difference {format_estimate(row['difference'])}"
+        direct = f"{format_estimate(row['direct_difference'])} ({row['direct_verdict']})"
+    return [row["test"].replace("_", " "), what, row["value"], *against, contrast, direct, row["verdict"]]
+
+
+def groundtruth(ctx, outputs: dict, settings: dict) -> SectionContent:
+    result = outputs["study"]
+    rows = result.results["tests"]
+    notes = []
+    for test in dict.fromkeys(row["test"] for row in rows):
+        first = next(row for row in rows if row["test"] == test)
+        notes.append(f"{test.replace('_', ' ')}: expected: {first['expected']}; failing means: {first['failing_means']}.")
+    figures = []
+    cue = [row["explainer"] for row in rows if row["test"] == "planted_cue"]
+    if cue:
+        images = result.arrays["cue_images"]
+        grid = [(f"image {i + 1}", [("input", images[i], None)] + [
+            (f"{explainer_label(name)} · {model}", images[i], result.arrays[f"maps__{name}__{model}"][i])
+            for name in cue for model in ("cue", "cue-control")]) for i in range(len(images))]
+        figures.append(("planted-cue", "Marked test images and each explainer's raw map for the cue model and "
+                        "the control (the marker is the black-and-white square).", heatmap_grid(grid)))
+    table = Table(
+        ["test", "explainer or component", "measured", "control model", "random map", "contrast",
+         "direct contrast (no explainer)", "verdict"],
+        [_ground_truth_row(row) for row in rows],
+        f"{result.results['num_images']} test images per test, 95% bootstrap intervals over images (paired where "
+        f"two models see the same images). Planted cue: share of offset-free importance on the marker; policy "
+        f"tests: the component's effect 1 − E[s] of the augmented model, its control trained without the "
+        f"augmentation, and their difference (control − augmented, expected > 0); the direct contrast is the "
+        f"same difference of the similarity drop when the component is removed from the whole image.",
+    )
+    return SectionContent(figures, [table], notes=notes)

@@ -1,0 +1,325 @@
+"""Explainers checked against answers known in advance: the study's ``groundtruth`` experiment.
+
+No explainer library for embedding models checks its maps against a known answer. Here the
+answer is planted by training: small models are trained on the shapes world under recipes that
+fix what they must (or must not) depend on, and each explainer is asked whether it sees that.
+
+* **Planted cue.** A model trained on images that carry a per-image code (a 4 x 4 black-and-white
+  patch, :func:`sslens.data.synthetic.stamp_cues`), identical in both views, can tell its images
+  apart by reading the code; a *control* trained on the same images without it cannot. Both are
+  explained on marked test images. An explainer that works puts a much larger share of its
+  offset-free importance (:func:`~sslens.explain.metrics.localization.relevance_mass`) on the
+  marker for the cue model than for the control, and than a random map does (the marker's area).
+  Views keep the marker whole and in frame: flips and colour jitter, no crop (black and white
+  survive any hue or saturation change). A CAM compares each image with its mirror image.
+* **Augmentation policy.** On shapes whose colour follows their class, a model trained with
+  strong colour augmentation (jitter at every step, grayscale at p = 0.8) learns to ignore colour
+  and one trained with none does not: the perceptual colour component's effect (the
+  ``perceptual`` experiment's 1 − E[s]) must be smaller for the first. Likewise strong Gaussian
+  blur against none for the low-pass component (removing high frequencies): a model trained on
+  blurred views cannot depend on them. Each contrast is also measured *directly* (the drop in
+  similarity when the component is removed from the whole image), which tells a failing
+  explainer (direct contrast holds, effect does not) from a ground truth that did not form.
+* **Grayscale floor.** An encoder that converts its input to grayscale first is blind to colour
+  by construction: its colour effect must be zero up to float rounding.
+
+Verdicts come from intervals (bootstrap over test images, paired where two models see the
+same images): *passes* when the whole interval clears the threshold, *fails* when it lies wholly
+on the wrong side, *inconclusive* when it straddles it. The models train through the one
+training loop into ``OUT/groundtruth/<name>/`` and are reused like the study's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslens.checks import suggestion
+from sslens.data.base import load_split, normalize, to_float
+from sslens.data.pixels import grayscale
+from sslens.errors import UserError
+from sslens.explain.metrics.localization import relevance_mass
+from sslens.explain.perceptual import COMPONENTS, Amounts
+from sslens.stats import bootstrap_mean, paired_difference, paired_ratio
+from sslens.study.cache import StageResult
+from sslens.study.explainers import build_explainer, takes_reference
+from sslens.study.measures import CHANCE_DRAWS, item_key, seed_for
+from sslens.study.models import prepare_model
+from sslens.study.sharding import explain_rows
+from sslens.study.spec import ModelSpec
+from sslens.train.config import TrainConfig
+
+TESTS = ("planted_cue", "color_policy", "blur_policy", "grayscale_floor")
+
+#: A working explainer's share on the cue model's marker must be at least this many times the
+#: control's and the random map's (the marker's area), each ratio's whole interval above it.
+CUE_RATIO = 1.5
+#: |effect| an encoder that sees only grayscale may show for colour: float rounding, nothing more.
+FLOOR_TOLERANCE = 1e-5
+
+#: The data every ground-truth model trains and is tested on (options of the synthetic world).
+CUE_DATA = {"distractors": 2, "color_correlation": 0.8}
+#: Colour follows the class exactly, so colour is worth learning unless augmentation forbids it.
+POLICY_DATA = {"distractors": 2, "color_correlation": 1.0}
+#: Views that keep the marker whole and in frame (no crop; flips mirror it inside the image).
+CUE_VIEWS = {"crop_scale": None, "hue": 0.02}
+PLAIN_VIEWS = {"crop_scale": [0.3, 1.0], "jitter_p": 0.0, "grayscale_p": 0.0}
+STRONG_COLOR_VIEWS = {**PLAIN_VIEWS, "jitter_p": 1.0, "brightness": 0.4, "contrast": 0.4, "saturation": 0.8,
+                      "hue": 0.5, "grayscale_p": 0.8}
+STRONG_BLUR_VIEWS = {**PLAIN_VIEWS, "blur_p": 1.0, "blur_kernel_size": 9, "blur_sigma": [1.0, 3.0]}
+
+#: model name → (data options, view options, which tests need it).
+MODELS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
+    "cue": ({**CUE_DATA, "cue": True}, CUE_VIEWS, ("planted_cue",)),
+    "cue-control": ({**CUE_DATA, "cue": False}, CUE_VIEWS, ("planted_cue",)),
+    "no-augmentation": (POLICY_DATA, PLAIN_VIEWS, ("color_policy", "blur_policy", "grayscale_floor")),
+    "strong-color": (POLICY_DATA, STRONG_COLOR_VIEWS, ("color_policy",)),
+    "strong-blur": (POLICY_DATA, STRONG_BLUR_VIEWS, ("blur_policy",)),
+}
+
+#: What each test expects and what failing it means, shown in the report.
+EXPECTED = {
+    "planted_cue": (
+        f"the cue model's share of importance on the marker is at least {CUE_RATIO:g}x the control's and "
+        f"{CUE_RATIO:g}x a random map's (the marker's area)",
+        "the explainer does not show what the model depends on (here, a marker it must read)",
+    ),
+    "color_policy": (
+        "the colour effect is smaller for the model trained with strong colour augmentation",
+        "the colour component does not measure colour dependence (if the direct contrast holds) or the "
+        "policy did not make the model ignore colour (if it does not)",
+    ),
+    "blur_policy": (
+        "the low-pass effect (high frequencies removed) is smaller for the model trained with strong blur",
+        "the low-pass component does not measure dependence on high frequencies (if the direct contrast "
+        "holds) or no model here depends on them (if it does not)",
+    ),
+    "grayscale_floor": (
+        f"an encoder that converts its input to grayscale first has a colour effect of 0 (|effect| <= "
+        f"{FLOOR_TOLERANCE:g})",
+        "the colour component changes more than colour (a bug in its images)",
+    ),
+}
+
+
+def check_settings(settings: dict) -> None:
+    """Raise a UserError for a test name or explainer list the experiment cannot run."""
+    for test in settings["tests"]:
+        if test not in TESTS:
+            raise UserError(f"settings.groundtruth.tests: unknown test {test!r}.{suggestion(str(test), TESTS)} "
+                            f"Valid tests: {', '.join(TESTS)}.")
+    if "planted_cue" in settings["tests"] and not settings["explainers"]:
+        raise UserError("settings.groundtruth.explainers is empty: the planted-cue test needs an explainer to check "
+                        "(e.g. [relax, gradcam]).")
+
+
+def verdict(low: float | None, high: float | None, threshold: float) -> str:
+    """"passes" when [low, high] lies above ``threshold``, "fails" below, else "inconclusive"."""
+    if low is None or high is None:
+        return "inconclusive"
+    if low > threshold:
+        return "passes"
+    return "fails" if high < threshold else "inconclusive"
+
+
+def both(first: str, second: str) -> str:
+    """The verdict of two conditions that must both hold: fails if either fails."""
+    if "fails" in (first, second):
+        return "fails"
+    return "passes" if first == second == "passes" else "inconclusive"
+
+
+def model_specs(settings: dict, seed: int, device: str) -> dict[str, ModelSpec]:
+    """The training runs the listed tests need, all with the same recipe but data and views."""
+    needed = [name for name, (_, _, tests) in MODELS.items() if set(tests) & set(settings["tests"])]
+    specs = {}
+    for name in needed:
+        data_options, views, _ = MODELS[name]
+        train = TrainConfig(
+            method=settings["method"], backbone=settings["backbone"], data="synthetic",
+            data_options={**data_options, "num_images": settings["num_images"]},
+            image_size=settings["image_size"], views_options=views, method_options=settings["method_options"],
+            epochs=settings["epochs"], batch_size=settings["batch_size"], optimizer="adam", lr=settings["lr"],
+            weight_decay=1e-6, warmup_epochs=1, seed=seed, device=device, knn_every=settings["epochs"],
+            checkpoint_every=settings["epochs"], progress=False,
+        )
+        specs[name] = ModelSpec(name=name, train=train)
+    return specs
+
+
+class GrayscaleFirst(nn.Module):
+    """``encoder`` behind a grayscale conversion (in pixel space, with the component's own
+    luma weights), for the colour floor: normalised images in, ``encoder``'s embedding out."""
+
+    def __init__(self, encoder: nn.Module, mean, std):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images * self.std + self.mean
+        return self.encoder((grayscale(pixels) - self.mean) / self.std)
+
+
+def _test_images(name: str, settings: dict, count: int, device: torch.device):
+    data_options = MODELS[name][0]
+    data = load_split("synthetic", "test", data_dir=None, image_size=settings["image_size"],
+                      options={**data_options, "cue": True, "num_images": count}, device=device)
+    return data, normalize(to_float(data.images.to(device)), data.mean, data.std)
+
+
+def mirrored(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The CAMs' reference in the planted-cue test: each image mirrored left to right.
+
+    The marker stays whole, in frame and in its colours, and the cue models were trained to be
+    mirror-invariant (flips are in their views). A view with colour jitter would not do: the
+    similarity to it is then lowered mostly by the jittered colours, which is what a gradient
+    of that similarity shows, not the marker the embedding rests on (measured: Grad-CAM's
+    marker share fell to the control's).
+    """
+    return images.flip(-1)
+
+
+def _maps(ctx, name: str, encoder: nn.Module, images: torch.Tensor, data, augment: Any) -> torch.Tensor:
+    """(B, H, W) raw maps of explainer ``name`` (the study's options and seed) for ``encoder``."""
+    options = ctx.config.explainers.get(name, {})
+    stats = {"seed": ctx.seed, "mean": data.mean, "std": data.std}
+    explainer = build_explainer(name, encoder, options, **stats)
+    if not takes_reference(explainer):
+        return explain_rows(explainer, images).importance.cpu()
+    explainer = build_explainer(name, encoder, options, **stats, fixed={"augment": augment})
+    return explain_rows(explainer, images, reference=explainer.augmented_views(images)).importance.cpu()
+
+
+def _random_share(masks: torch.Tensor, seed: int) -> np.ndarray:
+    """Per image, the marker share of uniform-noise maps, averaged over :data:`CHANCE_DRAWS` draws."""
+    generator = torch.Generator().manual_seed(seed_for(seed, "groundtruth random maps"))
+    shares = [relevance_mass(torch.rand(masks.shape, generator=generator), masks.cpu()) for _ in range(CHANCE_DRAWS)]
+    return torch.stack(shares).mean(0).numpy()
+
+
+def planted_cue(ctx, models: dict, settings: dict, count: int) -> tuple[list[dict], dict]:
+    """One row per explainer: marker share of the cue model, the control and a random map."""
+    data, images = _test_images("cue", settings, count, ctx.device)
+    masks = data.extras["cue_mask"]
+    random = _random_share(masks, ctx.seed)
+    rows, arrays = [], {"cue_images": data.images[:3].cpu().numpy()}
+    random_estimate = bootstrap_mean(random, unit="images", seed=seed_for(ctx.seed, "cue random"))
+    for name in settings["explainers"]:
+        shares = {}
+        for model in ("cue", "cue-control"):
+            maps = _maps(ctx, name, models[model].encoder("pooled", data), images, data, mirrored)
+            shares[model] = relevance_mass(maps, masks.cpu()).numpy()
+            arrays[item_key(name, model, "share")] = shares[model]
+            arrays[f"maps__{name}__{model}"] = maps[:3].numpy()
+        ratio = paired_ratio(shares["cue"], shares["cue-control"], unit="images", seed=seed_for(ctx.seed, f"cue ratio {name}"))
+        to_random = paired_ratio(shares["cue"], random, unit="images", seed=seed_for(ctx.seed, f"cue random ratio {name}"))
+        share = bootstrap_mean(shares["cue"], unit="images", seed=seed_for(ctx.seed, f"cue share {name}"))
+        result = both(verdict(ratio.ci_low, ratio.ci_high, CUE_RATIO),
+                      verdict(to_random.ci_low, to_random.ci_high, CUE_RATIO))
+        rows.append({
+            "test": "planted_cue", "explainer": name, "measure": "share of offset-free importance on the marker",
+            "value": share.to_dict(),
+            "control": bootstrap_mean(shares["cue-control"], unit="images",
+                                      seed=seed_for(ctx.seed, f"control share {name}")).to_dict(),
+            "random_map": random_estimate.to_dict(),
+            "ratio": ratio.to_dict(), "ratio_to_random": to_random.to_dict(), "threshold": CUE_RATIO,
+            "verdict": result,
+        })
+    return rows, arrays
+
+
+def _effects(ctx, encoder: nn.Module, images: torch.Tensor, data, components: list[str]) -> dict[str, np.ndarray]:
+    """Per image, each component's effect 1 − E[s] from the perceptual explainer (study options)."""
+    explainer = build_explainer("perceptual", encoder, ctx.config.explainers.get("perceptual", {}), seed=ctx.seed,
+                                mean=data.mean, std=data.std, fixed={"components": components})
+    explanation = explain_rows(explainer, images, per_image_info=("mean_similarity",))
+    return {c: 1 - np.asarray(explanation.info["mean_similarity"][c], dtype=np.float64) for c in components}
+
+
+@torch.no_grad()
+def _direct_drop(encoder: nn.Module, images: torch.Tensor, data, component: str) -> np.ndarray:
+    """Per image, 1 − cos(f(x), f(x without ``component`` everywhere)): the component's removal
+    from the whole image, which needs no explainer."""
+    mean, std = torch.tensor(data.mean, device=images.device).view(1, 3, 1, 1), torch.tensor(
+        data.std, device=images.device).view(1, 3, 1, 1)
+    pixels = images * std + mean
+    absent = COMPONENTS[component].build(pixels, None, Amounts()).absent
+    embed = lambda x: F.normalize(encoder(x).flatten(1).double(), dim=1)  # noqa: E731
+    return (1 - (embed(images) * embed((absent - mean) / std)).sum(1)).cpu().numpy()
+
+
+def policy_contrast(ctx, models: dict, settings: dict, count: int, test: str) -> tuple[list[dict], dict]:
+    """The ``component`` effect of the augmented model against the unaugmented one."""
+    strong, component = {"color_policy": ("strong-color", "color"), "blur_policy": ("strong-blur", "lowpass")}[test]
+    data, images = _test_images("no-augmentation", settings, count, ctx.device)
+    effects, direct = {}, {}
+    for model in ("no-augmentation", strong):
+        encoder = models[model].encoder("pooled", data)
+        effects[model] = _effects(ctx, encoder, images, data, [component])[component]
+        direct[model] = _direct_drop(encoder, images, data, component)
+    seed = seed_for(ctx.seed, f"{test} contrast")
+    difference = paired_difference(effects["no-augmentation"], effects[strong], unit="images", seed=seed)
+    direct_difference = paired_difference(direct["no-augmentation"], direct[strong], unit="images", seed=seed + 1)
+    row = {
+        "test": test, "component": component, "measure": "effect 1 − E[s]", "augmented_model": strong,
+        "value": bootstrap_mean(effects[strong], unit="images", seed=seed + 2).to_dict(),
+        "control": bootstrap_mean(effects["no-augmentation"], unit="images", seed=seed + 3).to_dict(),
+        "difference": difference.to_dict(), "direct_difference": direct_difference.to_dict(),
+        "threshold": 0.0, "verdict": verdict(difference.ci_low, difference.ci_high, 0.0),
+        "direct_verdict": verdict(direct_difference.ci_low, direct_difference.ci_high, 0.0),
+    }
+    arrays = {item_key(test, model, "effect"): values for model, values in effects.items()}
+    return [row], arrays
+
+
+def grayscale_floor(ctx, models: dict, settings: dict, count: int) -> tuple[list[dict], dict]:
+    """The colour effect of the unaugmented model behind a grayscale conversion."""
+    data, images = _test_images("no-augmentation", settings, count, ctx.device)
+    encoder = GrayscaleFirst(models["no-augmentation"].encoder("pooled", data), data.mean, data.std).to(ctx.device)
+    effect = _effects(ctx, encoder, images, data, ["color"])["color"]
+    largest = float(np.abs(effect).max())
+    row = {
+        "test": "grayscale_floor", "component": "color", "measure": "effect 1 − E[s]",
+        "value": bootstrap_mean(effect, unit="images", seed=seed_for(ctx.seed, "grayscale floor")).to_dict(),
+        "largest_abs_effect": largest, "threshold": FLOOR_TOLERANCE,
+        "verdict": "passes" if largest <= FLOOR_TOLERANCE else "fails",
+    }
+    return [row], {item_key("grayscale_floor", "effect"): effect}
+
+
+def run_groundtruth(ctx, settings: dict, samples: int) -> StageResult:
+    """Train (or reuse) the models the listed tests need, then run each test on ``samples``
+    fresh test images of its world."""
+    specs = model_specs(settings, ctx.seed, ctx.config.device)
+    root = Path(ctx.out) / "groundtruth"
+    models = {
+        name: prepare_model(spec, root, ctx.device, train_fn=ctx.train_fn, say=ctx.say)
+        for name, spec in specs.items()
+    }
+    rows, arrays = [], {}
+    for test in settings["tests"]:
+        if test == "planted_cue":
+            found = planted_cue(ctx, models, settings, samples)
+        elif test == "grayscale_floor":
+            found = grayscale_floor(ctx, models, settings, samples)
+        else:
+            found = policy_contrast(ctx, models, settings, samples, test)
+        for row in found[0]:
+            row["expected"], row["failing_means"] = EXPECTED[test]
+        rows += found[0]
+        arrays.update(found[1])
+    results = {
+        "tests": rows,
+        "num_images": samples,
+        "models": {name: {**model.describe(Path(ctx.out)), "data_options": specs[name].train.data_options,
+                          "views_options": specs[name].train.views_options}
+                   for name, model in models.items()},
+    }
+    return StageResult(results, arrays)
