@@ -41,7 +41,7 @@ target_of() { case $1 in moco-*) echo 0.847 ;; swav-*) echo 0.842 ;; *) echo 0.8
 
 if wanted tests; then
     echo "== CUDA-only tests (augmentations without host syncs, bf16 paths)"
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_augment.py tests/test_relax.py 2>&1 | tail -n 3 | tee "$OUT/cuda_tests.txt"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/data/test_augment.py tests/explain/test_relax.py 2>&1 | tail -n 3 | tee "$OUT/cuda_tests.txt"
 fi
 
 if wanted relax; then

@@ -51,13 +51,15 @@ nav ol { columns: 2; }
 figure { margin: 1.2em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption, caption { font-size: .92em; color: #444; margin: .3em 0; text-align: left; }
-table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
+div.table { overflow-x: auto; margin: 1em 0; }
+table { border-collapse: collapse; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; }
 th { background: #eee; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 ul.notes { background: #f7faf3; border-left: 4px solid #6aa84f; padding: .5em .8em .5em 2em; }
 pre { background: #f7f7f7; border: 1px solid #ddd; padding: .8em; overflow-x: auto; font-size: .85em; }
 footer { margin-top: 3em; font-size: .8em; color: #777; }
+@media print { div.table { overflow: visible; } body { max-width: none; } }
 """
 
 
@@ -174,7 +176,8 @@ def _render_table(table: Table) -> str:
         )
         body.append(f"<tr>{cells}</tr>")
     caption = f"<caption>{esc(table.caption)}</caption>" if table.caption else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    # Wide tables scroll inside their box rather than widening the page on a narrow screen.
+    return f'<div class="table"><table>{caption}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _render_figure(caption: str, png: bytes) -> str:
