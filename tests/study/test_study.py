@@ -171,6 +171,23 @@ def test_tradeoff_table_has_one_row_per_model_matching_results_json(finished):
     assert rows[-1]["knn_top1"]["mean"] == pytest.approx(1 / 8)  # eight shape classes
 
 
+def test_faithfulness_compares_models_by_the_gap_to_their_own_random_order(finished):
+    out, _ = finished
+    results = json.loads((out / "results.json").read_text())
+    for model, row in zip(["simclr", "moco"], results["tradeoff"][:2], strict=True):
+        faith = results["experiments"]["faithfulness"][model]
+        for curve in ("deletion", "insertion"):
+            gap = faith["relax"][f"{curve}_gap"]
+            # A mean of per-image differences is the difference of the means.
+            assert gap["mean"] == pytest.approx(
+                faith["relax"][f"{curve}_auc"]["mean"] - faith["chance"]["random order"][f"{curve}_auc"]["mean"])
+            assert row[f"{curve}_gap_relax"] == gap
+    # The raw AUCs are not compared across models: their scale is each model's own.
+    assert not any(c["metric"].startswith(("deletion_auc", "insertion_auc")) for c in results["comparisons"])
+    chance = results["tradeoff"][-1]["deletion_gap_relax"]
+    assert chance["mean"] == 0 and chance["method"] == "exact"
+
+
 def test_invariance_has_a_retest_column_left_out_of_the_tradeoff_mean(finished):
     out, outcome = finished
     results = json.loads((out / "results.json").read_text())

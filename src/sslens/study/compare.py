@@ -29,6 +29,7 @@ from sslens.explain.base import explainer_label
 from sslens.stats import (
     MIN_BOOTSTRAP_ITEMS,
     difference_over_seeds,
+    exact,
     format_estimate,
     over_seeds,
     paired_difference,
@@ -62,6 +63,10 @@ class Metric:
     headline: bool = False
 
 
+#: The chance path of a gap to the random order: the random order's own gap, 0 by definition.
+ZERO_GAP = ("zero gap",)
+
+
 def _get(results: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         if not isinstance(results, dict) or key not in results:
@@ -90,12 +95,14 @@ def metrics(ctx) -> list[Metric]:
     if "faithfulness" in ran:
         for name in _explainers(ctx, "faithfulness"):
             label = explainer_label(name)
-            found.append(Metric(f"deletion_auc_{name}", f"deletion AUC ({label})", "faithfulness",
-                                (name, "deletion_auc"), item_key(name, "deletion_auc"), higher_is_better=False,
-                                chance=("chance", "random order", "deletion_auc"), headline=name == "relax"))
-            found.append(Metric(f"insertion_auc_{name}", f"insertion AUC ({label})", "faithfulness",
-                                (name, "insertion_auc"), item_key(name, "insertion_auc"),
-                                chance=("chance", "random order", "insertion_auc"), headline=name == "relax"))
+            # The gap to the model's own random order: raw AUCs depend on how fast each model's
+            # similarity falls under any deletion, so only the gap compares across models.
+            found.append(Metric(f"deletion_gap_{name}", f"deletion AUC − random order ({label})", "faithfulness",
+                                (name, "deletion_gap"), item_key(name, "deletion_gap"), higher_is_better=False,
+                                chance=ZERO_GAP, headline=name == "relax"))
+            found.append(Metric(f"insertion_gap_{name}", f"insertion AUC − random order ({label})", "faithfulness",
+                                (name, "insertion_gap"), item_key(name, "insertion_gap"),
+                                chance=ZERO_GAP, headline=name == "relax"))
     if "localization" in ran and not any("skipped" in o.results for o in ctx.outputs["localization"].values()):
         for name in _explainers(ctx, "localization"):
             label = explainer_label(name)
@@ -140,6 +147,8 @@ def chance(ctx, metric: Metric, unit: list[str]) -> dict | None:
     if metric.chance is None:
         return None
     stage = ctx.outputs.get(metric.experiment, {}).get(unit[0])
+    if metric.chance == ZERO_GAP:
+        return None if stage is None else exact(0.0, stage.results["num_images"], "images").to_dict()
     return None if stage is None else _get(stage.results, metric.chance)
 
 
