@@ -40,9 +40,9 @@ def _launch(playwright):
 def report(tmp_path_factory):
     """A tiny study over an image folder whose path and class name carry a script payload."""
     root = tmp_path_factory.mktemp("browser")
-    data = root / "img src=x onerror=alert(1)"
+    data = root / "<img src=x onerror=alert(1)>"  # no "/": a folder name cannot hold one
     for split in ("train", "test"):
-        for k, name in enumerate(("cat", "<b onmouseover=alert(1)>dog</b>")):
+        for k, name in enumerate(("cat", "<b onmouseover=alert(1)>dog")):
             folder = data / split / name
             folder.mkdir(parents=True)
             for i in range(12):
@@ -89,6 +89,9 @@ def test_the_report_opens_offline_without_errors_and_runs_no_user_string(report)
         # The page itself and its inlined images (data: URIs); nothing else is fetched.
         assert [url for url in requests if not url.startswith("data:")] == [report.as_uri()]
         assert page.locator("h1").inner_text() == PAYLOAD
+        # The data folder's name is shown in the configuration as text, not parsed as a tag.
+        assert "<img src=x onerror=alert(1)>" in page.locator("body").inner_text()
+        assert page.locator("img[src=x]").count() == 0
         browser.close()
 
 
