@@ -16,8 +16,9 @@ fix what they must (or must not) depend on, and each explainer is asked whether 
   strong colour augmentation (jitter at every step, grayscale at p = 0.8) learns to ignore colour
   and one trained with none does not: the perceptual colour component's effect (the
   ``perceptual`` experiment's 1 − E[s]) must be smaller for the first. Likewise strong Gaussian
-  blur against none for the low-pass component (removing high frequencies): a model trained on
-  blurred views cannot depend on them. Each contrast is also measured *directly* (the drop in
+  blur against none: the low-pass component's effect (high frequencies removed) must be smaller
+  for the blurred model, which cannot depend on them, and the high-pass component's (low
+  frequencies removed) larger, since the low frequencies are all it has. Each contrast is also measured *directly* (the drop in
   similarity when the component is removed from the whole image), which tells a failing
   explainer (direct contrast holds, effect does not) from a ground truth that did not form.
 * **Grayscale floor.** An encoder that converts its input to grayscale first is blind to colour
@@ -95,9 +96,9 @@ EXPECTED = {
         "policy did not make the model ignore colour (if it does not)",
     ),
     "blur_policy": (
-        "the low-pass effect (high frequencies removed) is smaller for the model trained with strong blur",
-        "the low-pass component does not measure dependence on high frequencies (if the direct contrast "
-        "holds) or no model here depends on them (if it does not)",
+        "the low-pass effect is smaller and the high-pass effect larger for the model trained with strong blur",
+        "the low- or high-pass component does not measure dependence on those frequencies (if the direct "
+        "contrast holds) or the models here do not differ in them (if it does not)",
     ),
     "grayscale_floor": (
         f"an encoder that converts its input to grayscale first has a colour effect of 0 (|effect| <= "
@@ -255,28 +256,50 @@ def _direct_drop(encoder: nn.Module, images: torch.Tensor, data, component: str)
     return (1 - (embed(images) * embed((absent - mean) / std)).sum(1)).cpu().numpy()
 
 
+#: Per policy test: the augmented model and, per component, whether the augmentation should make
+#: its effect smaller (it removes what the model could use) or larger (the model must use it).
+POLICY_COMPONENTS = {
+    "color_policy": ("strong-color", {"color": "smaller"}),
+    "blur_policy": ("strong-blur", {"lowpass": "smaller", "highpass": "larger"}),
+}
+COMPONENT_EXPECTED = {
+    "color": "the colour effect is smaller for the model trained with strong colour augmentation",
+    "lowpass": "the low-pass effect (high frequencies removed) is smaller for the model trained with strong blur",
+    "highpass": "the high-pass effect (low frequencies removed) is larger for the model trained with strong blur, "
+                "which has only the low frequencies to rest on",
+}
+
+
 def policy_contrast(ctx, models: dict, settings: dict, count: int, test: str) -> tuple[list[dict], dict]:
-    """The ``component`` effect of the augmented model against the unaugmented one."""
-    strong, component = {"color_policy": ("strong-color", "color"), "blur_policy": ("strong-blur", "lowpass")}[test]
+    """Each listed component's effect for the augmented model against the unaugmented one; the
+    difference is oriented so that the expected answer is > 0."""
+    strong, expected = POLICY_COMPONENTS[test]
+    components = list(expected)
     data, images = _test_images("no-augmentation", settings, count, ctx.device)
     effects, direct = {}, {}
     for model in ("no-augmentation", strong):
         encoder = models[model].encoder("pooled", data)
-        effects[model] = _effects(ctx, encoder, images, data, [component])[component]
-        direct[model] = _direct_drop(encoder, images, data, component)
-    seed = seed_for(ctx.seed, f"{test} contrast")
-    difference = paired_difference(effects["no-augmentation"], effects[strong], unit="images", seed=seed)
-    direct_difference = paired_difference(direct["no-augmentation"], direct[strong], unit="images", seed=seed + 1)
-    row = {
-        "test": test, "component": component, "measure": "effect 1 − E[s]", "augmented_model": strong,
-        "value": bootstrap_mean(effects[strong], unit="images", seed=seed + 2).to_dict(),
-        "control": bootstrap_mean(effects["no-augmentation"], unit="images", seed=seed + 3).to_dict(),
-        "difference": difference.to_dict(), "direct_difference": direct_difference.to_dict(),
-        "threshold": 0.0, "verdict": verdict(difference.ci_low, difference.ci_high, 0.0),
-        "direct_verdict": verdict(direct_difference.ci_low, direct_difference.ci_high, 0.0),
-    }
-    arrays = {item_key(test, model, "effect"): values for model, values in effects.items()}
-    return [row], arrays
+        effects[model] = _effects(ctx, encoder, images, data, components)
+        direct[model] = {c: _direct_drop(encoder, images, data, c) for c in components}
+    rows, arrays = [], {}
+    for component, direction in expected.items():
+        first, second = ("no-augmentation", strong) if direction == "smaller" else (strong, "no-augmentation")
+        seed = seed_for(ctx.seed, f"{test} {component} contrast")
+        difference = paired_difference(effects[first][component], effects[second][component], unit="images", seed=seed)
+        direct_difference = paired_difference(direct[first][component], direct[second][component], unit="images",
+                                              seed=seed + 1)
+        rows.append({
+            "test": test, "component": component, "measure": "effect 1 − E[s]", "augmented_model": strong,
+            "expected": COMPONENT_EXPECTED[component],
+            "value": bootstrap_mean(effects[strong][component], unit="images", seed=seed + 2).to_dict(),
+            "control": bootstrap_mean(effects["no-augmentation"][component], unit="images", seed=seed + 3).to_dict(),
+            "difference": difference.to_dict(), "difference_of": f"{first} − {second}",
+            "direct_difference": direct_difference.to_dict(),
+            "threshold": 0.0, "verdict": verdict(difference.ci_low, difference.ci_high, 0.0),
+            "direct_verdict": verdict(direct_difference.ci_low, direct_difference.ci_high, 0.0),
+        })
+        arrays.update({item_key(test, model, component, "effect"): values[component] for model, values in effects.items()})
+    return rows, arrays
 
 
 def grayscale_floor(ctx, models: dict, settings: dict, count: int) -> tuple[list[dict], dict]:
@@ -312,7 +335,8 @@ def run_groundtruth(ctx, settings: dict, samples: int) -> StageResult:
         else:
             found = policy_contrast(ctx, models, settings, samples, test)
         for row in found[0]:
-            row["expected"], row["failing_means"] = EXPECTED[test]
+            row.setdefault("expected", EXPECTED[test][0])
+            row["failing_means"] = EXPECTED[test][1]
         rows += found[0]
         arrays.update(found[1])
     results = {

@@ -471,7 +471,7 @@ def _ground_truth_row(row: dict) -> list:
         direct = "–"
     else:
         against = [row["control"], "–"]
-        contrast = f"difference {format_estimate(row['difference'])}"
+        contrast = f"{row['difference_of']}: {format_estimate(row['difference'])}"
         direct = f"{format_estimate(row['direct_difference'])} ({row['direct_verdict']})"
     return [row["test"].replace("_", " "), what, row["value"], *against, contrast, direct, row["verdict"]]
 
@@ -499,7 +499,7 @@ def groundtruth(ctx, outputs: dict, settings: dict) -> SectionContent:
         f"{result.results['num_images']} test images per test, 95% bootstrap intervals over images (paired where "
         f"two models see the same images). Planted cue: share of offset-free importance on the marker; policy "
         f"tests: the component's effect 1 − E[s] of the augmented model, its control trained without the "
-        f"augmentation, and their difference (control − augmented, expected > 0); the direct contrast is the "
+        f"augmentation, and their difference, oriented so that the expected answer is > 0; the direct contrast is the "
         f"same difference of the similarity drop when the component is removed from the whole image.",
     )
     return SectionContent(figures, [table], notes=notes)
