@@ -116,10 +116,11 @@ def _defined(values: Iterable[float]) -> np.ndarray:
 
 
 def _bootstrap_means(values: np.ndarray, seed: int, resamples: int) -> np.ndarray:
-    """(resamples,) means of ``values`` resampled with replacement, drawn in chunks."""
+    """Means of ``values`` (n,) or (n, k) resampled with replacement, drawn in chunks:
+    (resamples,) or (resamples, k), every column resampled with the same items."""
     rng = np.random.Generator(np.random.PCG64(seed))
     n = len(values)
-    means = np.empty(resamples)
+    means = np.empty((resamples, *values.shape[1:]))
     for start in range(0, resamples, _CHUNK):
         count = min(_CHUNK, resamples - start)
         index = rng.integers(0, n, size=(count, n))
@@ -186,12 +187,8 @@ def paired_ratio(
     if len(a) == 0 or b.mean() <= 0:
         return undefined(unit, "paired bootstrap ratio")
     ratio = float(a.mean() / b.mean())
-    rng = np.random.Generator(np.random.PCG64(seed))
-    ratios = np.empty(resamples)
-    for start in range(0, resamples, _CHUNK):
-        count = min(_CHUNK, resamples - start)
-        index = rng.integers(0, len(a), size=(count, len(a)))
-        ratios[start : start + count] = a[index].mean(axis=1) / np.maximum(b[index].mean(axis=1), 1e-300)
+    means = _bootstrap_means(np.stack([a, b], axis=1), seed, resamples)
+    ratios = means[:, 0] / np.maximum(means[:, 1], 1e-300)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
     return Estimate(ratio, float(low), float(high), len(a), unit, "paired bootstrap ratio")
