@@ -392,3 +392,17 @@ def test_streamed_folders_with_other_files_get_other_feature_keys(tmp_path):
     # Same source text and count: before, these shared one cache entry.
     assert _data_identity(folder(tmp_path, ["a/1.png", "a/3.png"])) != key
     assert _data_identity(folder(tmp_path / "other", ["a/1.png", "a/2.png"])) != key
+
+
+def test_nearest_neighbours_are_the_most_cosine_similar_other_rows():
+    from sslens.evaluate.knn import nearest_neighbours
+
+    features = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    unit = torch.nn.functional.normalize(features, dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-2.0)
+    expected = similarity.argsort(dim=1, descending=True)[:, :4]
+    # Chunks smaller than the rows give the same answer; a row is never its own neighbour.
+    assert nearest_neighbours(features, 4, chunk_size=7).equal(expected)
+    assert not (nearest_neighbours(features, 4) == torch.arange(50)[:, None]).any()
+    assert nearest_neighbours(features[:3], 10).shape == (3, 2)  # k clipped to N - 1

@@ -52,11 +52,12 @@ def report(tmp_path_factory):
         "dataset": {"name": "imagefolder", "data_dir": str(data), "image_size": 32},
         "models": [{"name": "simclr", "method": "simclr", "backbone": "resnet-tiny", "epochs": 1, "batch_size": 8,
                     "optimizer": "adam", "lr": 2e-3, "warmup_epochs": 0, "max_steps": 2}],
-        "random_init": False,
-        "explainers": {"relax": {"num_masks": 16}},
-        "experiments": ["quality", "invariance", "faithfulness", "tradeoff"],
-        "samples": {"invariance": 2, "faithfulness": 2},
-        "settings": {"quality": {"linear": False, "k": 5}, "faithfulness": {"steps": 4}},
+        "random_init": True,
+        "explainers": {"relax": {"num_masks": 16}, "perceptual": {"num_masks": 8}},
+        "experiments": ["quality", "tsne", "explorer", "invariance", "faithfulness", "perceptual", "tradeoff"],
+        "samples": {"tsne": 16, "invariance": 2, "faithfulness": 3, "perceptual": 2},
+        "settings": {"quality": {"linear": False, "k": 5}, "faithfulness": {"steps": 4},
+                     "tsne": {"n_iter": 50}, "perceptual": {"components": ["color", "shape"]}},
     }
     outcome = run_study(load_study_config(None, config), root / "study", progress=False)
     return outcome.report
@@ -106,4 +107,109 @@ def test_the_report_fits_the_window_without_sideways_scrolling(report, width, tm
         # The trade-off table is wider than 700 px: it scrolls inside its own box instead.
         table = page.locator("div.table").first
         assert table.evaluate("e => getComputedStyle(e).overflowX") == "auto"
+        browser.close()
+
+
+#: Viewport coordinates of a point of an explorer plot, after scrolling the plot into view.
+_POINT = """([plot, row]) => {
+  const found = [];
+  const walk = (view) => { if (!view) return; if (view.model && view.model.name === plot) found.push(view);
+                           for (const child of view.child_views || []) walk(child); };
+  for (const view of Object.values(Bokeh.index)) walk(view);
+  const view = found[0];
+  const key = plot.replace("explorer-plot-", "");
+  const data = Bokeh.documents[0].get_model_by_name("explorer-points").data;
+  view.canvas_view.el.scrollIntoView({block: "center"});
+  const box = view.canvas_view.el.getBoundingClientRect();
+  return [box.left + view.frame.x_scale.compute(data["x_" + key][row]),
+          box.top + view.frame.y_scale.compute(data["y_" + key][row])];
+}"""
+
+
+def _open(playwright, report, **context):
+    browser = _launch(playwright)
+    page = browser.new_page(**context)
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(report.as_uri())
+    page.wait_for_load_state("load")
+    return browser, page, errors
+
+
+def test_the_explorer_hovers_pins_recolours_and_sorts(report, tmp_path):
+    with _sync_playwright() as playwright:
+        browser, page, errors = _open(playwright, report, viewport={"width": 1400, "height": 900})
+        started = page.evaluate("performance.now()")
+        page.wait_for_function("typeof window.sslensPin === 'function'")
+        page.wait_for_function("Object.keys(Bokeh.index).length > 0")
+        print(f"first render after {page.evaluate('performance.now()') - started:.0f} ms")
+        points = page.evaluate("Bokeh.documents[0].get_model_by_name('explorer-points').data.item.length")
+        assert points == 16  # the t-SNE sample
+        # Row 0 is the first image of the study's order, so an explained one (outlined).
+        x, y = page.evaluate(_POINT, ["explorer-plot-m0_o0", 0])
+        page.mouse.move(x, y)
+        tip = page.locator(".sslens-tip").first
+        tip.wait_for(state="visible")
+        assert tip.locator("img").get_attribute("src").startswith("data:image/webp;base64,")
+        text = tip.inner_text()
+        assert "neighbours:" in text and "invariance IoU" in text and "explained" in text
+        page.mouse.click(x, y)
+        panel = page.locator("div.panel")
+        panel.locator("table.maps").wait_for()
+        # Every model's maps of that image, side by side: a row per model, a map per explainer output.
+        models = panel.locator("tbody th").all_inner_texts()
+        assert models == ["simclr", "random-init"]
+        headers = panel.locator("thead th").all_inner_texts()
+        for kind in ("RELAX", "RELAX uncertainty", "Grad-CAM", "perceptual: color", "perceptual: shape"):
+            assert kind in headers
+        maps = panel.locator("tbody td img[src^='data:image/webp']")
+        assert maps.count() == 2 * 5 + 2 * 5  # five maps and five neighbours per model
+        # The same image is selected in every plot (one shared source).
+        assert page.evaluate("Bokeh.documents[0].get_model_by_name('explorer-points').selected.indices") == [0]
+        # Colour by a per-image metric: the colours change and unmeasured images are grey.
+        before = page.evaluate("Bokeh.documents[0].get_model_by_name('explorer-points').data.color_m0.slice()")
+        page.select_option("select.color-by", "invariance IoU")
+        after = page.evaluate("Bokeh.documents[0].get_model_by_name('explorer-points').data.color_m0.slice()")
+        assert after != before and after.count("#c8c8c8") == points - 2  # 2 images measured invariance
+        assert "not measured" in page.locator(".legend").inner_text()
+        # Sort the trade-off table by kNN top-1, both ways.
+        table = page.locator("table.sortable")
+        header = table.locator("th button.sort").nth(1)
+        values = lambda: [float(v) if v else None for v in  # noqa: E731
+                          table.locator("tbody tr").evaluate_all("rows => rows.map(r => r.cells[1].dataset.sort)")]
+        header.click()
+        ascending = values()
+        assert ascending == sorted(ascending)
+        header.click()
+        assert values() == sorted(ascending, reverse=True)
+        # A table row's drill-down lists the images behind it; clicking one pins it.
+        page.locator("button.drill").first.click()
+        gallery = page.locator("div.gallery").first
+        assert gallery.locator("img").count() == 2
+        gallery.locator("img").first.click()
+        assert page.evaluate("Bokeh.documents[0].get_model_by_name('explorer-points').selected.indices") in ([0], [1])
+        # The trade-off scatter's axes follow the selects.
+        page.select_option("select.axis-y", index=0)
+        label = page.evaluate("Bokeh.documents[0].get_model_by_name('tradeoff-y-axis').axis_label")
+        assert label == page.locator("select.axis-y option").first.inner_text()
+        page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+        assert page.evaluate("window.__pwned") is None
+        assert errors == []
+        browser.close()
+
+
+def test_without_javascript_and_in_print_the_static_report_remains(report):
+    with _sync_playwright() as playwright:
+        browser, page, errors = _open(playwright, report, java_script_enabled=False)
+        assert page.locator("div.interactive").first.is_hidden()
+        assert page.locator("button.drill").first.is_hidden()
+        figures = page.locator("figure img[src^='data:image/png']")
+        assert figures.count() >= 5 and all(figures.nth(i).is_visible() for i in range(figures.count()))
+        browser.close()
+        browser, page, errors = _open(playwright, report)
+        page.emulate_media(media="print")
+        assert page.locator("div.interactive").first.is_hidden()
+        assert page.locator("figure img").first.is_visible()
+        assert errors == []
         browser.close()

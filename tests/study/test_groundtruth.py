@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import jsonschema
 import numpy as np
@@ -88,7 +89,15 @@ def _ground_truth(tmp_path, name: str, **settings) -> list[dict]:
     jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).validate(results)
     # Only the ground-truth models were trained: the study's own were not needed.
     assert not (tmp_path / name / "models").exists() and results["models"] == {}
-    return results["experiments"]["groundtruth"]["study"]["tests"]
+    rows = results["experiments"]["groundtruth"]["study"]["tests"]
+    # Every row of the report's table opens the images behind it, with the row's per-image values.
+    page = outcome.report.read_text()
+    payload = json.loads(re.search(r'<script type="application/json" id="sslens-data">(.*?)</script>', page).group(1))
+    assert page.count('class="drill"') == len(rows) == len(payload["drills"])
+    for drill, row in zip(payload["drills"], rows, strict=True):
+        assert len(drill["items"]) == 192 and all(item in payload["thumbs"] for item, _ in drill["items"])
+        assert np.mean([value for _, value in drill["items"]]) == pytest.approx(row["value"]["mean"], abs=1e-5)
+    return rows
 
 
 def test_relax_and_gradcam_find_a_planted_marker(tmp_path):

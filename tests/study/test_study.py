@@ -434,3 +434,20 @@ def test_a_finished_model_is_reused_only_on_the_data_it_was_trained_on(tmp_path)
         spec.train, data_options={**spec.train.data_options, "num_images": 64}))
     assert training_data_fingerprint(fewer) != data
 
+
+def test_every_experiment_draws_from_one_nested_order_of_the_test_images():
+    """Smaller samples are the first images of larger ones (so per-image numbers from different
+    experiments line up in the explorer); the masked sample keeps that order."""
+    from sslens.data.base import load_split
+    from sslens.study.config import load_study_config
+    from sslens.study.context import StudyContext
+
+    config = load_study_config(None, tiny(models=TINY["models"][:1]))
+    test = load_split("synthetic", "test", data_dir=None, image_size=32, options={"num_images": 40}, device="cpu")
+    ctx = StudyContext(config, torch.device("cpu"), test, test)
+    assert ctx.sample(7).tolist() == ctx.sample(20)[:7].tolist()
+    assert sorted(ctx.sample(40).tolist()) == list(range(40))
+    test.masks[ctx.sample(1)] = False  # the first image loses its object
+    masked = ctx.sample(5, with_masks=True).tolist()
+    assert masked == [i for i in ctx.sample(40).tolist() if test.masks[i].any()][:5]
+    assert ctx.sample(1).item() not in masked

@@ -110,6 +110,27 @@ def knn_predict(
     return torch.cat(scores)
 
 
+def nearest_neighbours(features: torch.Tensor, k: int, *, chunk_size: int = 1024) -> torch.Tensor:
+    """(N, k) int64: each row's ``k`` most cosine-similar other rows, most similar first (the
+    same similarity kNN votes with; a row is never its own neighbour). ``k`` is clipped to N − 1.
+
+    >>> nearest_neighbours(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), 1).flatten().tolist()
+    [1, 0, 1]
+    """
+    _check_features("features", features)
+    positive_int("k", k)
+    positive_int("chunk_size", chunk_size)
+    unit = F.normalize(features.detach().float(), dim=1)
+    k = min(k, len(unit) - 1)
+    rows = []
+    for start in range(0, len(unit), chunk_size):
+        similarity = unit[start : start + chunk_size] @ unit.T
+        own = torch.arange(start, start + len(similarity), device=unit.device)
+        similarity[torch.arange(len(similarity)), own] = -torch.inf
+        rows.append(similarity.topk(k, dim=1).indices)
+    return torch.cat(rows).cpu()
+
+
 def knn_correct(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,

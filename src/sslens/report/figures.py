@@ -33,7 +33,8 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _colormap(name: str):
+def colormap(name: str):
+    """Matplotlib's colour map ``name`` (matplotlib imported only when a report is drawn)."""
     import matplotlib
 
     return matplotlib.colormaps[name]
@@ -72,7 +73,7 @@ def tsne_figure(
     rows = -(-len(panels) // columns)
     figure = _figure(WIDTH_IN, 3.2 * rows + 0.8)
     axes = figure.subplots(rows, columns, squeeze=False)
-    colours = _colormap("tab10" if len(class_names) <= 10 else "tab20")
+    colours = colormap("tab10" if len(class_names) <= 10 else "tab20")
     for ax, (model, (coords, labels)) in zip(axes.flat, panels.items(), strict=False):
         coords, labels = _array(coords, "coords", 2), _array(labels, "labels", 1)
         if coords.shape != (len(labels), 2):

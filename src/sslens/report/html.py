@@ -1,6 +1,10 @@
-"""One self-contained HTML report: inline CSS, figures as base64 PNG data URIs, no JavaScript.
+"""One self-contained HTML report: inline CSS, figures as base64 PNG data URIs, and, where a
+section has one, an interactive block (:mod:`sslens.report.explorer`) with its inlined scripts.
 
-The file opens offline in any browser and can be mailed as one attachment. Every string that
+The file opens offline in any browser and can be mailed as one attachment. Without JavaScript
+it is the static report (every figure and table); with it, the interactive blocks appear,
+tables marked sortable sort by a click on a header, and rows with a drill-down open the images
+behind them. Printing shows the static report. Every string that
 comes from the user or the data (titles, captions, model and class names, table cells, config
 values, paths) goes through :func:`html.escape`, so a class called ``<script>`` is shown, never
 run. Numbers are formatted one way everywhere (:func:`format_cell`): three decimals, an estimate
@@ -29,7 +33,7 @@ import platform
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
+from importlib import metadata, resources
 from typing import Any
 
 import yaml
@@ -59,17 +63,53 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 ul.notes { background: #f7faf3; border-left: 4px solid #6aa84f; padding: .5em .8em .5em 2em; }
 pre { background: #f7f7f7; border: 1px solid #ddd; padding: .8em; overflow-x: auto; font-size: .85em; }
 footer { margin-top: 3em; font-size: .8em; color: #777; }
-@media print { div.table { overflow: visible; } body { max-width: none; } }
+.no-js .interactive, .no-js button.drill, .no-js th button.sort, .js th span.no-sort { display: none; }
+th button.sort { border: 0; background: none; font: inherit; cursor: pointer; padding: 0; }
+th[aria-sort=ascending] button.sort::after { content: " ▲"; }
+th[aria-sort=descending] button.sort::after { content: " ▼"; }
+button.drill { margin-left: .4em; font-size: .8em; cursor: pointer; }
+div.interactive { margin: 1em 0; overflow-x: auto; }
+div.controls { margin: .4em 0; }
+div.panel, div.gallery { border: 1px solid #ccc; background: #fafafa; padding: .5em .8em; margin: .6em 0; overflow-x: auto; }
+div.gallery figure, div.panel figure { display: inline-block; margin: .2em; text-align: center; font-size: .8em; }
+div.gallery img, div.panel img, .sslens-tip img { image-rendering: pixelated; }
+div.panel td img { width: 64px; height: 64px; }
+div.gallery img { width: 48px; height: 48px; cursor: pointer; }
+.sslens-tip { max-width: 260px; font-size: 12px; }
+@media print { div.table { overflow: visible; } body { max-width: none; }
+               .interactive, button.drill, th button.sort, div.gallery { display: none !important; } }
 """
 
 
 @dataclass
+class Drill:
+    """The images behind a table row: ``items`` (image name, its value of ``value``) and each
+    image's thumbnail ((h, w, 3) uint8), shown sorted by value when the row's button is pressed."""
+
+    title: str
+    value: str
+    items: list[tuple[str, float | None]]
+    thumbnails: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        missing = sorted({item for item, _ in self.items} - set(self.thumbnails))
+        if missing:
+            raise ValueError(f"Drill-down {self.title!r}: no thumbnail for images {missing[:5]}.")
+
+
+@dataclass
 class Table:
-    """A table: ``columns`` headers and ``rows`` of cells (see :func:`format_cell`)."""
+    """A table: ``columns`` headers and ``rows`` of cells (see :func:`format_cell`).
+
+    ``sortable`` tables sort by any column when a header is clicked (numbers by their mean);
+    ``drill`` gives each row its :class:`Drill` (or None), opened from a button in its first cell.
+    """
 
     columns: list[str]
     rows: list[list]
     caption: str = ""
+    sortable: bool = False
+    drill: list[Drill | None] | None = None
 
     def __post_init__(self) -> None:
         for index, row in enumerate(self.rows):
@@ -78,6 +118,8 @@ class Table:
                     f"Table {self.caption!r}: row {index} has {len(row)} cells but there are "
                     f"{len(self.columns)} columns {self.columns}."
                 )
+        if self.drill is not None and len(self.drill) != len(self.rows):
+            raise ValueError(f"Table {self.caption!r}: {len(self.drill)} drill-downs for {len(self.rows)} rows.")
 
 
 @dataclass
@@ -90,6 +132,8 @@ class Section:
     figures: list[tuple[str, bytes]] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: interactive blocks (:class:`sslens.report.explorer.Interactive`), shown after the figures
+    interactive: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if "\n" in self.reading_aid.strip():
@@ -165,19 +209,44 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
     return items
 
 
-def _render_table(table: Table) -> str:
+def _sort_key(value: Any) -> str:
+    """A cell's sort value: the mean of a number or estimate, else its text."""
+    if isinstance(value, Mapping) and "mean" in value:
+        value = value["mean"]
+    elif isinstance(value, tuple):
+        value = value[0]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return repr(float(value))
+    return ""
+
+
+def _render_table(table: Table, drills: list[Drill]) -> str:
+    """The table's HTML; each row's drill-down is appended to ``drills`` (the page payload)."""
     esc = html.escape
-    head = "".join(f"<th>{esc(str(c))}</th>" for c in table.columns)
+    if table.sortable:
+        head = "".join(f'<th><button class="sort" type="button">{esc(str(c))}</button>'
+                       f'<span class="no-sort">{esc(str(c))}</span></th>' for c in table.columns)
+    else:
+        head = "".join(f"<th>{esc(str(c))}</th>" for c in table.columns)
     body = []
-    for row in table.rows:
-        cells = "".join(
-            f'<td class="num">{esc(format_cell(v))}</td>' if _is_number(v) else f"<td>{esc(format_cell(v))}</td>"
-            for v in row
-        )
-        body.append(f"<tr>{cells}</tr>")
+    for index, row in enumerate(table.rows):
+        cells = []
+        for column, value in enumerate(row):
+            text = esc(format_cell(value))
+            drill = table.drill[index] if table.drill is not None and column == 0 else None
+            if drill is not None:
+                drills.append(drill)
+                text += (f'<button class="drill" type="button" data-drill="{len(drills) - 1}" '
+                         f'title="{esc(drill.title, quote=True)}">images</button>')
+            number = _is_number(value)
+            sort = f' data-sort="{_sort_key(value)}"' if table.sortable and number else ""
+            cells.append(f'<td class="num"{sort}>{text}</td>' if number else f"<td>{text}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
     caption = f"<caption>{esc(table.caption)}</caption>" if table.caption else ""
+    kind = ' class="sortable"' if table.sortable else ""
     # Wide tables scroll inside their box rather than widening the page on a narrow screen.
-    return f'<div class="table"><table>{caption}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return (f'<div class="table"><table{kind}>{caption}<thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _render_figure(caption: str, png: bytes) -> str:
@@ -189,12 +258,13 @@ def _render_figure(caption: str, png: bytes) -> str:
     )
 
 
-def _render_section(index: int, section: Section) -> str:
+def _render_section(index: int, section: Section, drills: list[Drill], divs: Mapping[str, str]) -> str:
     parts = [f'<section id="section-{index}"><h2>{html.escape(section.title)}</h2>']
     if section.reading_aid:
         parts.append(f'<p class="aid">{html.escape(section.reading_aid.strip())}</p>')
+    parts.extend(block.before + divs[block.kind] + block.after for block in section.interactive)
     parts.extend(_render_figure(caption, png) for caption, png in section.figures)
-    parts.extend(_render_table(table) for table in section.tables)
+    parts.extend(_render_table(table, drills) for table in section.tables)
     if section.notes:
         parts.append('<ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in section.notes) + "</ul>")
     parts.append("</section>")
@@ -211,7 +281,7 @@ def _render_configuration(index: int, config: Mapping[str, Any], environment: Ma
         '<p class="aid">Everything needed to reproduce the numbers above.</p>',
         "<h3>Configuration</h3>",
         f"<pre>{html.escape(config_text)}</pre>",
-        _render_table(environment_table),
+        _render_table(environment_table, []),
         "</section>",
     ])
 
@@ -230,20 +300,70 @@ def render_html(
     toc = "".join(
         f'<li><a href="#section-{i}">{html.escape(t)}</a></li>' for i, t in enumerate(all_titles, start=1)
     )
-    body = [_render_section(i, s) for i, s in enumerate(sections, start=1)]
+    blocks = [block for section in sections for block in section.interactive]
+    kinds = [block.kind for block in blocks]
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"Interactive blocks need distinct kinds; got {kinds}")
+    scripts, divs = "", {}
+    if blocks:
+        from sslens.report import explorer
+
+        bokeh_script, divs = explorer.embed({block.kind: block.root for block in blocks})
+        scripts = f"<script>{explorer.bokeh_library()}</script>\n{bokeh_script}"
+    drills: list[Drill] = []
+    body = [_render_section(i, s, drills, divs) for i, s in enumerate(sections, start=1)]
     body.append(_render_configuration(len(sections) + 1, config, environment))
     version = html.escape(str(jsonable(environment).get("packages", {}).get("sslens", "")))
+    interactive = ""
+    if blocks or drills or any(t.sortable for s in sections for t in s.tables):
+        interactive = _interactive_scripts(blocks, drills, scripts)
     return "\n".join([
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        '<html lang="en" class="no-js"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        # Before anything renders: the JS-only controls appear only where scripts run.
+        "<script>document.documentElement.className = 'js';</script>" if interactive else "",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<nav><ol>{toc}</ol></nav>",
         *body,
         f"<footer>Generated by sslens {version}</footer>",
+        interactive,
         "</body></html>",
     ])
+
+
+def _interactive_scripts(blocks: Sequence[Any], drills: Sequence[Drill], bokeh_scripts: str) -> str:
+    """The page payload (JSON, script-safe), BokehJS with the document, and the glue script."""
+    from sslens.report.explorer import image_uri, payload_json
+
+    thumbnails: dict[str, str] = {}
+    shown = frozenset().union(*(block.thumbnails for block in blocks))
+    for drill in drills:
+        for item, _ in drill.items:
+            if item not in thumbnails and item not in shown:
+                thumbnails[item] = image_uri(drill.thumbnails[item])
+    payload = {
+        "blocks": {block.kind: block.data for block in blocks},
+        # A drill-down's thumbnail is taken from the block that shows the image, when one does.
+        "drills": [{"title": d.title, "value": d.value, "items": [[item, _finite(v)] for item, v in d.items]}
+                   for d in drills],
+        "thumbs": thumbnails,
+    }
+    return "\n".join([
+        f'<script type="application/json" id="sslens-data">{payload_json(payload)}</script>',
+        bokeh_scripts,
+        f"<script>{_glue_script()}</script>",
+    ])
+
+
+def _glue_script() -> str:
+    """The page's glue script (``explorer.js``, shipped with the package)."""
+    return resources.files("sslens.report").joinpath("explorer.js").read_text(encoding="utf-8")
+
+
+def _finite(value: Any) -> float | None:
+    return None if value is None or not math.isfinite(float(value)) else round(float(value), 6)
 
 
 def render_report(

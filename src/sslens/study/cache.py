@@ -22,7 +22,7 @@ import numpy as np
 from sslens.atomic import atomic_write_bytes, write_json_atomic
 
 #: Bump when a stage's computation changes meaning, so old entries are not reused.
-CACHE_VERSION = 5  # 2: orthogonal RELAX masks, retest; 3: strength-3 blocks; 4: intervals, chance levels, per-item arrays; 5: faithfulness gaps to the random order
+CACHE_VERSION = 6  # 2: orthogonal RELAX masks, retest; 3: strength-3 blocks; 4: intervals, chance levels, per-item arrays; 5: faithfulness gaps to the random order; 6: one nested sample order, t-SNE neighbours, ground-truth images
 
 
 @dataclass

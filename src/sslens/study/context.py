@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from sslens.data.base import data_fingerprint, normalize, to_float
+from sslens.explain.base import Explanation
 from sslens.explain.display import to_display_image
-from sslens.study.explainers import ExplainFn, explain_fn
+from sslens.study.explainers import ExplainFn, explain_fn, explanation_fn
 from sslens.study.spec import StudyConfig
 
 
@@ -67,16 +68,23 @@ class StudyContext:
         """A CPU generator seeded from the study seed and ``purpose`` (stable across runs)."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(purpose.encode()))
 
-    def sample(self, purpose: str, count: int, *, with_masks: bool = False) -> torch.Tensor:
-        """``count`` test-image indices drawn for ``purpose``: the same images for every model.
+    @functools.cached_property
+    def _order(self) -> torch.Tensor:
+        return torch.randperm(len(self.test_data), generator=self.generator("test order"))
 
-        ``with_masks`` keeps only images whose ground-truth object mask is non-empty.
+    def sample(self, count: int, *, with_masks: bool = False) -> torch.Tensor:
+        """The first ``count`` test-image indices of one seeded order of the test split.
+
+        Every experiment and model draws from the same order, so smaller samples are nested in
+        larger ones: an image's numbers from different experiments line up (the report's
+        explorer shows them side by side, and per-image metrics can be paired across
+        experiments). ``with_masks`` keeps, in the same order, only images whose ground-truth
+        object mask is non-empty.
         """
-        candidates = torch.arange(len(self.test_data))
+        order = self._order
         if with_masks:
-            candidates = candidates[self.test_data.masks.flatten(1).any(1).cpu()]
-        order = torch.randperm(len(candidates), generator=self.generator(purpose))
-        return candidates[order[:count]]
+            order = order[self.test_data.masks.flatten(1).any(1).cpu()[order]]
+        return order[:count]
 
     def images(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised float images of the test split, on the device."""
@@ -92,9 +100,15 @@ class StudyContext:
         """``images`` (B, 3, H, W) ``-> maps`` (B, H, W) of explainer ``name`` with the study's
         options and seed (or ``seed``). Under torchrun each call explains this rank's share of the
         images and gathers the rest, so every rank gets all B maps
-        (:func:`sslens.study.sharding.map_rows`)."""
+        (:func:`sslens.study.sharding.explain_rows`)."""
         return explain_fn(
             name, encoder, self.config.explainers.get(name, {}), seed=self.seed if seed is None else seed,
             mean=self.mean, std=self.std,
         )
 
+    def explanation_fn(self, name: str, encoder: nn.Module) -> Callable[..., Explanation]:
+        """Like :meth:`explain_fn`, but ``images, **per_image -> Explanation`` with every map
+        (importance, uncertainty, components)."""
+        return explanation_fn(
+            name, encoder, self.config.explainers.get(name, {}), seed=self.seed, mean=self.mean, std=self.std
+        )

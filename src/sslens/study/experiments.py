@@ -30,6 +30,7 @@ from sslens.data.augment import create_views
 from sslens.evaluate.embedding import effective_perplexity, tsne_embedding
 from sslens.evaluate.features import extract_features
 from sslens.evaluate.health import embedding_health, health_warnings
+from sslens.evaluate.knn import nearest_neighbours
 from sslens.evaluate.quality import evaluate_encoder
 from sslens.explain.gradcam import flip_and_crop
 from sslens.explain.metrics.faithfulness import deletion_insertion
@@ -61,7 +62,7 @@ EXPERIMENTS = Registry("experiment")
 
 #: The experiments a study runs when its config names none, in report order.
 DEFAULT_EXPERIMENTS = (
-    "quality", "health", "tsne", "invariance", "faithfulness", "localization", "sanity", "perceptual",
+    "quality", "health", "tsne", "explorer", "invariance", "faithfulness", "localization", "sanity", "perceptual",
     "gradcam_pairs", "tradeoff",
 )
 
@@ -159,7 +160,7 @@ def health(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | 
     """:func:`~sslens.evaluate.health.embedding_health` of the pooled and projection outputs on
     held-out images (two views from one recipe for every model), and the training log's health
     records and warnings."""
-    indices = ctx.sample("health", samples)
+    indices = ctx.sample(samples)
     images = ctx.images(indices)
     data = ctx.test_data
     pixels = data.images[indices.to(data.images.device) if torch.is_tensor(data.images) else indices].cpu()
@@ -184,20 +185,23 @@ def health(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | 
     title="t-SNE of the embeddings",
     reading_aid="Each point is a test image coloured by its label; tight same-colour clusters mean the representation separates the classes.",
     section=sections.tsne,
-    defaults={"perplexity": 30.0, "n_iter": 500},
+    defaults={"perplexity": 30.0, "n_iter": 500, "neighbours": 5},
     samples=1000,
     min_samples=8,
 )
 def tsne(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """2-D t-SNE (fixed seed) of the pooled representation and of the projection output."""
-    indices = ctx.sample("tsne", samples)
+    """2-D t-SNE (fixed seed) of the pooled representation and of the projection output, and
+    each image's nearest neighbours (cosine, in the representation) for the report's explorer."""
+    indices = ctx.sample(samples)
     data = ctx.test_data.subset(indices)
-    arrays = {"labels": data.labels.cpu().numpy()}
+    arrays = {"labels": data.labels.cpu().numpy(), "indices": indices.numpy()}
     for output in ("pooled", "projection"):
         features = extract_features(model.encoder(output, data), data, device=ctx.device)
         arrays[output] = tsne_embedding(
             features, seed=ctx.seed, perplexity=settings["perplexity"], n_iter=settings["n_iter"]
         )
+        # Neighbours in the representation itself, not in the picture: t-SNE distorts distances.
+        arrays[f"neighbours_{output}"] = nearest_neighbours(features, settings["neighbours"]).numpy()
     results = {
         "num_points": len(indices),
         "perplexity": effective_perplexity(len(indices), settings["perplexity"]),
@@ -205,6 +209,14 @@ def tsne(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | No
         "seed": ctx.seed,
     }
     return StageResult(results, arrays)
+
+
+register_experiment(
+    "explorer",
+    title="Explorer: each image in every model",
+    reading_aid="Hover a point for its image, label, nearest neighbours and per-image metrics; click it to pin every model's maps of that image; colour the points by label or by a metric; select points in one plot to see the same images in the others. Needs JavaScript; the other sections' static figures do not.",
+    section=sections.explorer,
+)(None)
 
 
 def _agreement(raw: dict, seed: int, purpose: str) -> dict:
@@ -228,7 +240,7 @@ def _agreement(raw: dict, seed: int, purpose: str) -> dict:
 def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """:func:`~sslens.explain.metrics.invariance.saliency_invariance` of RELAX maps (reference
     Table 1), with the same test on random and constant maps as chance levels."""
-    images = ctx.images(ctx.sample("invariance", samples))
+    images = ctx.images(ctx.sample(samples))
     encoder = _pooled(ctx, model)
     relax = ctx.explain_fn("relax", encoder)
     first_maps = []  # the first image's map in each call: original, then each augmentation
@@ -285,15 +297,22 @@ _CURVES = ("deletion", "insertion")
 )
 def faithfulness(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """:func:`~sslens.explain.metrics.faithfulness.deletion_insertion` for each explainer, and for
-    a constant map; the random pixel order is the chance curve."""
+    a constant map; the random pixel order is the chance curve. Every map (and uncertainty, with
+    its per-image mean) is kept as float16 for the report's explorer."""
     encoder = _pooled(ctx, model)
-    images = ctx.images(ctx.sample("faithfulness", samples))
+    images = ctx.images(ctx.sample(samples))
     options = {"steps": settings["steps"], "baseline": settings["baseline"], "seed": ctx.seed,
                "random_repeats": settings["random_repeats"]}
     results: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
     for name in settings["explainers"]:
-        maps = ctx.explain_fn(name, encoder)(images).to(images.device)
+        explanation = ctx.explanation_fn(name, encoder)(images)
+        maps = explanation.importance.to(images.device)
+        # Every map is kept (float16) for the report's explorer, which explains these images.
+        arrays[f"maps__{name}__importance"] = explanation.importance.cpu().to(torch.float16).numpy()
+        if explanation.uncertainty is not None:
+            arrays[f"maps__{name}__uncertainty"] = explanation.uncertainty.cpu().to(torch.float16).numpy()
+            arrays[item_key(name, "uncertainty")] = explanation.uncertainty.flatten(1).mean(1).double().cpu().numpy()
         raw = deletion_insertion(encoder, images, maps, **options)
         results[name] = {
             **{f"{curve}_auc": image_mean(raw["per_image"][f"{curve}_auc"], ctx.seed, f"{name} {curve}") for curve in _CURVES},
@@ -361,7 +380,7 @@ def localization(ctx: StudyContext, model: StudyModel, settings: dict, samples: 
     and of random and constant maps on the same images."""
     if getattr(ctx.test_data, "masks", None) is None:
         return StageResult({"skipped": "the dataset has no ground-truth object masks"})
-    indices = ctx.sample("localization", samples, with_masks=True)
+    indices = ctx.sample(samples, with_masks=True)
     images = ctx.images(indices)
     masks = ctx.test_data.masks[indices.to(ctx.test_data.masks.device)].to(images.device)
     encoder = _pooled(ctx, model)
@@ -394,7 +413,7 @@ def sanity(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | 
     prefix = next(name for name, module in encoder.named_modules() if module is model.method.backbone)
     layers = [f"{prefix}.{n}" if prefix else n for n in reversed(model.method.backbone.layer_names)]
     layers = layers[: settings["steps"]]
-    images = ctx.images(ctx.sample("sanity", samples))
+    images = ctx.images(ctx.sample(samples))
     results = {}
     for name in settings["explainers"]:
         results[name] = model_randomization_test(
@@ -414,9 +433,10 @@ def sanity(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | 
     explainers=("perceptual",),
 )
 def perceptual(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """:class:`~sslens.explain.PerceptualComponents` effects and maps, using the dataset's depth
-    when it has one; the first image's component images are kept for the figure."""
-    indices = ctx.sample("perceptual", samples)
+    """:class:`~sslens.explain.PerceptualComponents` effects and maps (every image's, float16, for
+    the figure and the report's explorer), using the dataset's depth when it has one; the first
+    image's component images are kept for the figure."""
+    indices = ctx.sample(samples)
     images = ctx.images(indices)
     depth = getattr(ctx.test_data, "depth", None)
     depth = None if depth is None else depth[indices.to(depth.device)].to(images.device)
@@ -440,7 +460,8 @@ def perceptual(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
         "depth_source": "dataset ground truth" if depth is not None else None,
         "num_images": len(indices),
     }
-    arrays.update({f"map_{name}": maps[0].cpu().numpy() for name, maps in explanation.components.items()})
+    arrays.update({f"maps__perceptual__{name}": maps.cpu().to(torch.float16).numpy()
+                   for name, maps in explanation.components.items()})
     arrays.update({f"component_{name}": image for name, image in
                    component_images(explainer, images[:1], None if depth is None else depth[:1]).items()})
     return StageResult(results, arrays)
@@ -474,7 +495,7 @@ def component_images(explainer: PerceptualComponents, images: torch.Tensor, dept
 )
 def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """Per anchor image: an augmented view, a same-class image and a different-class image."""
-    anchors = ctx.sample("gradcam_pairs", samples)
+    anchors = ctx.sample(samples)
     labels = ctx.test_data.labels.cpu()
     generator = ctx.generator("gradcam_pairs.partners")
     firsts, seconds, kinds = [], [], []

@@ -11,7 +11,7 @@ itself has zero gradient (it is at its maximum), so the image's own embedding is
 reference.
 
 Under ``torchrun`` every explain function splits its batch across the ranks and gathers the maps
-(:func:`sslens.study.sharding.map_rows`), so a map must depend only on its own image. The CAM's
+(:func:`sslens.study.sharding.explain_rows`), so a map must depend only on its own image. The CAM's
 augmented views, drawn per image in batch order, are therefore drawn for the whole batch first
 and split with the images.
 """
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sslens.explain.base import Explainer, create_explainer
-from sslens.study.sharding import map_rows
+from sslens.explain.base import Explainer, Explanation, create_explainer
+from sslens.study.sharding import explain_rows
 
 ExplainFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,20 +52,27 @@ def takes_reference(explainer: Explainer) -> bool:
     return "reference" in inspect.signature(explainer.explain).parameters
 
 
+def explanation_fn(
+    name: str, encoder: nn.Module, options: Mapping[str, Any], *, seed: int, mean: Sequence[float],
+    std: Sequence[float],
+) -> Callable[..., Explanation]:
+    """``images (B, 3, H, W), **per_image -> Explanation`` of explainer ``name`` (every map it
+    makes), split across ranks under torchrun (see the module docstring)."""
+    explainer = build_explainer(name, encoder, options, seed=seed, mean=mean, std=std)
+    if not takes_reference(explainer):
+        return lambda images, **per_image: explain_rows(explainer, images, **per_image)
+
+    def explain(images: torch.Tensor, **per_image: torch.Tensor | None) -> Explanation:
+        # Drawn before the batch is split, so every image is paired with the view one process gives it.
+        return explain_rows(explainer, images, reference=explainer.augmented_views(images), **per_image)
+
+    return explain
+
+
 def explain_fn(
     name: str, encoder: nn.Module, options: Mapping[str, Any], *, seed: int, mean: Sequence[float],
     std: Sequence[float],
 ) -> ExplainFn:
-    """``images (B, 3, H, W) -> maps (B, H, W)`` of explainer ``name``, split across ranks under
-    torchrun (see the module docstring)."""
-    explainer = build_explainer(name, encoder, options, seed=seed, mean=mean, std=std)
-    if not takes_reference(explainer):
-        return lambda images: map_rows(lambda x: explainer(x).importance.to(x.device), images)
-
-    def explain(images: torch.Tensor) -> torch.Tensor:
-        # Drawn before the batch is split, so every image is paired with the view one process gives it.
-        views = explainer.augmented_views(images)
-        return map_rows(lambda x, reference: explainer(x, reference=reference).importance.to(x.device), images,
-                        reference=views)
-
-    return explain
+    """``images (B, 3, H, W) -> maps (B, H, W)``: the importance of :func:`explanation_fn`."""
+    explanation = explanation_fn(name, encoder, options, seed=seed, mean=mean, std=std)
+    return lambda images: explanation(images).importance.to(images.device)

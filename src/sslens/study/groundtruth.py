@@ -210,7 +210,8 @@ def planted_cue(ctx, models: dict, settings: dict, count: int) -> tuple[list[dic
     data, images = _test_images("cue", settings, count, ctx.device)
     masks = data.extras["cue_mask"]
     random = _random_share(masks, ctx.seed)
-    rows, arrays = [], {"cue_images": data.images[:3].cpu().numpy()}
+    # Every test image is kept: the report's drill-down shows the images behind each row.
+    rows, arrays = [], {"cue_images": data.images.cpu().numpy()}
     random_estimate = bootstrap_mean(random, unit="images", seed=seed_for(ctx.seed, "cue random"))
     for name in settings["explainers"]:
         shares = {}
@@ -281,7 +282,7 @@ def policy_contrast(ctx, models: dict, settings: dict, count: int, test: str) ->
         encoder = models[model].encoder("pooled", data)
         effects[model] = _effects(ctx, encoder, images, data, components)
         direct[model] = {c: _direct_drop(encoder, images, data, c) for c in components}
-    rows, arrays = [], {}
+    rows, arrays = [], {"policy_images": data.images.cpu().numpy()}
     for component, direction in expected.items():
         first, second = ("no-augmentation", strong) if direction == "smaller" else (strong, "no-augmentation")
         seed = seed_for(ctx.seed, f"{test} {component} contrast")
@@ -314,7 +315,7 @@ def grayscale_floor(ctx, models: dict, settings: dict, count: int) -> tuple[list
         "largest_abs_effect": largest, "threshold": FLOOR_TOLERANCE,
         "verdict": "passes" if largest <= FLOOR_TOLERANCE else "fails",
     }
-    return [row], {item_key("grayscale_floor", "effect"): effect}
+    return [row], {item_key("grayscale_floor", "effect"): effect, "policy_images": data.images.cpu().numpy()}
 
 
 def run_groundtruth(ctx, settings: dict, samples: int) -> StageResult:

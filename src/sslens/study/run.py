@@ -234,7 +234,7 @@ def write_report(ctx: StudyContext, out: Path) -> tuple[Path, Path]:
         sections.append(Section(
             experiment.title, experiment.reading_aid,
             figures=[(caption, png) for _, caption, png in content.figures], tables=content.tables,
-            notes=content.notes,
+            notes=content.notes, interactive=content.interactive,
         ))
     pairs = comparisons(ctx)
     environment = environment_info(device=str(ctx.device), seed=ctx.seed)

@@ -19,10 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from sslens.explain.base import explainer_label
 from sslens.explain.display import normalize_map
 from sslens.explain.metrics.invariance import RETEST, invariance_augmentation
+from sslens.report.explorer import (
+    EmbeddingView,
+    ExplorerData,
+    Interactive,
+    embedding_explorer,
+    tradeoff_scatter,
+)
 from sslens.report.figures import (
     bar_chart,
     curves_figure,
@@ -31,10 +39,10 @@ from sslens.report.figures import (
     scatter_figure,
     tsne_figure,
 )
-from sslens.report.html import Table
+from sslens.report.html import Drill, Table
 from sslens.stats import format_estimate, over_seeds
 from sslens.study import compare
-from sslens.study.measures import CHANCE_DRAWS, CHANCE_MAPS
+from sslens.study.measures import CHANCE_DRAWS, CHANCE_MAPS, item_key
 from sslens.study.spec import RANDOM_INIT
 
 FLAG = "FLAGGED: maps ignore the weights"
@@ -42,11 +50,26 @@ FLAG = "FLAGGED: maps ignore the weights"
 
 @dataclass
 class SectionContent:
-    """Figures as (file stem, caption, PNG bytes), tables and notes (sentences) of one section."""
+    """Figures as (file stem, caption, PNG bytes), tables, notes (sentences) and interactive
+    blocks (:class:`sslens.report.explorer.Interactive`) of one section."""
 
     figures: list[tuple[str, str, bytes]] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    interactive: list[Interactive] = field(default_factory=list)
+
+
+def _thumbnails(ctx, indices) -> dict[str, np.ndarray]:
+    """{test index as text: (H, W, 3) uint8} of test images, for drill-downs."""
+    indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    return {str(i): picture for i, picture in zip(indices.tolist(), ctx.display(ctx.images(indices)), strict=True)}
+
+
+def _drill(title: str, value: str, values, thumbnails: dict[str, np.ndarray]) -> Drill:
+    """A row's drill-down: ``values`` per image, in the order of ``thumbnails``' images."""
+    items = [(item, None if v is None or not np.isfinite(v) else float(v))
+             for item, v in zip(thumbnails, np.asarray(values, dtype=np.float64), strict=True)]
+    return Drill(title, value, items, thumbnails)
 
 
 def _get(results: Any, *path: str) -> Any:
@@ -154,23 +177,116 @@ def tsne(ctx, outputs: dict, settings: dict) -> SectionContent:
                                           "t-SNE settings. A picture, not an estimate: no interval.")])
 
 
+def _per_image(ctx, stage: str, key: str, rows: dict[int, int], count: int) -> dict[str, np.ndarray]:
+    """{model: (count,) values} of a per-image array of ``stage`` placed at the explorer's rows
+    (``rows``: test index → row), NaN for images the stage did not measure."""
+    found = {}
+    samples = ctx.config.samples.get(stage)
+    for model, output in ctx.outputs.get(stage, {}).items():
+        if key not in output.arrays:
+            continue
+        indices = ctx.sample(samples, with_masks=stage == "localization").tolist()
+        values = np.full(count, np.nan)
+        for index, value in zip(indices, np.asarray(output.arrays[key], dtype=np.float64), strict=True):
+            if index in rows:
+                values[rows[index]] = value
+        found[model] = values
+    return found
+
+
+#: The per-image metrics the explorer colours by: (name, stage, array key, what it means).
+def _explorer_metrics(ctx) -> list[tuple[str, str, str, str]]:
+    metrics = [("invariance IoU", "invariance", item_key("average", "iou"),
+                "Mean IoU of the RELAX maps over the augmentations (higher: more invariant).")]
+    for name in ctx.config.settings.get("faithfulness", {}).get("explainers", []):
+        metrics.append((f"deletion AUC − random ({explainer_label(name)})", "faithfulness",
+                        item_key(name, "deletion_gap"), "Below 0: the map deletes what matters faster than a random order."))
+    for name in ctx.config.settings.get("localization", {}).get("explainers", []):
+        metrics.append((f"pointing game ({explainer_label(name)})", "localization", item_key(name, "pointing_game"),
+                        "1: the map's maximum lies on the object."))
+    for name in ctx.config.settings.get("faithfulness", {}).get("explainers", []):
+        metrics.append((f"uncertainty ({explainer_label(name)})", "faithfulness", item_key(name, "uncertainty"),
+                        "The map's mean uncertainty (RELAX: the variance of the masked similarity)."))
+    return metrics
+
+
+def explorer(ctx, outputs: dict, settings: dict) -> SectionContent:
+    tsne_outputs = ctx.outputs.get("tsne", {})
+    if not tsne_outputs:
+        return SectionContent(notes=["The explorer places images on each model's t-SNE: add the tsne experiment."])
+    first = next(iter(tsne_outputs.values())).arrays
+    indices = np.asarray(first["indices"])
+    rows = {int(index): row for row, index in enumerate(indices)}
+    names = ctx.test_data.class_names
+    items = [str(int(i)) for i in indices]
+    views = [EmbeddingView(model, output, o.arrays[output], o.arrays[f"neighbours_{output}"])
+             for model, o in tsne_outputs.items() for output in ("pooled", "projection")]
+    metrics, notes = {}, {}
+    for label, stage, key, note in _explorer_metrics(ctx):
+        values = _per_image(ctx, stage, key, rows, len(items))
+        if values:
+            metrics[label], notes[label] = values, note
+    maps: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    # The explained images are the faithfulness and perceptual experiments' (nested samples):
+    # their maps are stored with them, so the explorer explains nothing again.
+    for stage in ("faithfulness", "perceptual"):
+        indices_of_stage = ctx.sample(ctx.config.samples.get(stage) or 0).tolist()
+        for model, output in ctx.outputs.get(stage, {}).items():
+            for key, values in output.arrays.items():
+                if not key.startswith("maps__"):
+                    continue
+                _, name, kind = key.split("__")
+                title = explainer_label(name) if stage != "perceptual" else f"perceptual: {kind}"
+                if kind == "uncertainty":
+                    title += " uncertainty"
+                for row, index in enumerate(indices_of_stage):
+                    if index in rows:
+                        maps.setdefault(str(index), {}).setdefault(model, {})[title] = values[row].astype(np.float32)
+    thumbnails = ctx.display(ctx.images(torch.as_tensor(indices, dtype=torch.long)))
+    data = ExplorerData(items, [names[int(label)] for label in first["labels"]], thumbnails, views,
+                        metrics, maps, notes)
+    # Without JavaScript (and in print): the first explained image's maps in every model.
+    figures = []
+    example = next((item for item in items if item in maps), None)
+    if example is not None:
+        picture = thumbnails[rows[int(example)]]
+        # The perceptual section already draws every model's component maps.
+        grid = [(model, [(kind, picture, values) for kind, values in per_model.items()
+                         if not kind.startswith("perceptual")])
+                for model, per_model in maps[example].items()]
+        figures.append(("example", f"Every model's RELAX and Grad-CAM maps of test image {example} (raw maps, "
+                        "own colour bar); the interactive explorer above shows every explained image.",
+                        heatmap_grid(grid)))
+    return SectionContent(figures, [], [
+        f"{len(items)} points per plot (the t-SNE sample); {len(maps)} of them, outlined, are explained images "
+        "with every model's maps (those of the faithfulness and perceptual experiments). Per-image metrics come "
+        "from the experiments that measured the image: every experiment takes the first images of one seeded "
+        "order, so its images are the first points."
+    ], [embedding_explorer(data)])
+
+
 def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
     augmentations = settings["augmentations"]
     columns = [*augmentations, "average"] + ([RETEST] if settings["retest"] else [])
     paths = {a: (a,) for a in augmentations} | {"average": ("average",), RETEST: (RETEST,)}
-    rows_iou, rows_corr, heat = [], [], {}
+    rows_iou, rows_corr, heat, drills = [], [], {}, []
+    thumbnails = _thumbnails(ctx, ctx.sample(ctx.config.samples["invariance"]))
     for label, models in _rows(ctx, outputs):
         rows_iou.append([label, *[_cell(outputs, models, *paths[c], "iou") for c in columns]])
+        drills.append(_drill(f"{label}: invariance IoU per image", "mean IoU over the augmentations",
+                             outputs[label].arrays[item_key("average", "iou")], thumbnails)
+                      if label in outputs else None)
         rows_corr.append([label, *[_cell(outputs, models, *paths[c], "corr") if c != "average" else None for c in columns]])
         heat[label] = {a: _mean(_cell(outputs, models, a, "iou")) for a in augmentations}
     first = next(iter(outputs.values())).results
     for kind in CHANCE_MAPS:
         rows_iou.append([kind, *[first["chance"][kind]["iou"] if c == "average" else None for c in columns]])
+        drills.append(None)
     count = first["num_images"]
     retest_note = (" Retest: the unchanged image explained again with other masks (seed + 1), the ceiling"
                    " an augmentation's score can reach given RELAX's own noise." if settings["retest"] else "")
     # The example row shows each augmented image with its own map, in the augmented frame.
-    indices = ctx.sample("invariance", ctx.config.samples["invariance"])
+    indices = ctx.sample(ctx.config.samples["invariance"])
     image = ctx.images(indices[:1])
     views = [("original", image)] + [
         (a, invariance_augmentation(a, ctx.mean, ctx.std).apply(image)) for a in augmentations
@@ -183,7 +299,7 @@ def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
           invariance_table_figure(heat)),
          ("examples", "RELAX importance of one image under each augmentation (raw maps, own colour bar).",
           heatmap_grid(grid))],
-        [Table(["model", *columns], rows_iou,
+        [Table(["model", *columns], rows_iou, drill=drills, caption=
                f"IoU of mean-binarised RELAX maps over {count} images, 95% bootstrap intervals over images; "
                f"average: over the augmentations, per image. The random map (chance) and the constant map "
                f"are scored on the same images: a constant map is trivially invariant, so invariance "
@@ -207,9 +323,15 @@ def faithfulness(ctx, outputs: dict, settings: dict) -> SectionContent:
         figures.append((model, f"Deletion and insertion curves of {model} (mean over images).", curves_figure(
             curves, xlabel="fraction of pixels removed / inserted", ylabel="cosine similarity to the original",
             title=model)))
+    drills = []
+    thumbnails = _thumbnails(ctx, ctx.sample(ctx.config.samples["faithfulness"]))
     for label, models in _rows(ctx, outputs):
         chance = {c: _cell(outputs, models, "chance", "random order", f"{c}_auc") for c in ("deletion", "insertion")}
         for name in [*settings["explainers"], "random order", "constant map"]:
+            key = item_key(name, "deletion_auc")
+            drills.append(_drill(f"{label} · {name}: deletion AUC per image", "deletion AUC",
+                                 outputs[label].arrays[key], thumbnails)
+                          if label in outputs and key in outputs[label].arrays else None)
             path = (name,) if name in settings["explainers"] else ("chance", name)
             deletion, insertion = (_cell(outputs, models, *path, f"{c}_auc") for c in ("deletion", "insertion"))
             verdict = "–"
@@ -222,7 +344,7 @@ def faithfulness(ctx, outputs: dict, settings: dict) -> SectionContent:
                          deletion, insertion, verdict])
     count = next(iter(outputs.values())).results["num_images"]
     table = Table(["model", "map", "deletion AUC (lower is better)", "insertion AUC (higher is better)",
-                   "better than the random order"], rows,
+                   "better than the random order"], rows, drill=drills, caption=
                   f"Over {count} images, 95% bootstrap intervals over images; baseline {settings['baseline']!r}, "
                   f"{settings['steps']} steps. The random order and the constant map are each model's chance "
                   f"levels on the same images; 'better' means the interval lies wholly beyond the random "
@@ -235,17 +357,22 @@ def localization(ctx, outputs: dict, settings: dict) -> SectionContent:
     if not scored:
         reason = next(iter(outputs.values())).results["skipped"]
         return SectionContent([], [Table(["model", "result"], [[m, reason] for m in outputs], "Not measured.")])
-    bars, rows = {}, []
+    bars, rows, drills = {}, [], []
     first = next(iter(scored.values())).results
+    thumbnails = _thumbnails(ctx, ctx.sample(ctx.config.samples["localization"], with_masks=True))
     for label, models in _rows(ctx, scored):
         for name in settings["explainers"]:
             pointing, mass = (_cell(scored, models, "explainers", name, metric)
                               for metric in ("pointing_game", "relevance_mass"))
+            drills.append(_drill(f"{label} · {explainer_label(name)}: relevance mass per image", "relevance mass",
+                                 scored[label].arrays[item_key(name, "relevance_mass")], thumbnails)
+                          if label in scored else None)
             bars.setdefault(label, {})[f"{explainer_label(name)} pointing"] = pointing
             bars[label][f"{explainer_label(name)} mass"] = mass
             rows.append([label, explainer_label(name), pointing, mass])
     for kind in CHANCE_MAPS:
         rows.append([kind, "–", first["chance"][kind]["pointing_game"], first["chance"][kind]["relevance_mass"]])
+        drills.append(None)
     reference = {}
     for name in settings["explainers"]:
         reference[f"{explainer_label(name)} pointing"] = first["chance"]["random map"]["pointing_game"]["mean"]
@@ -255,7 +382,7 @@ def localization(ctx, outputs: dict, settings: dict) -> SectionContent:
         [("scores", "Pointing game and relevance mass with 95% intervals; the dashed line is a random map's score.",
           bar_chart(bars, ylabel="score", xlabel="metric", title="Localisation", reference=reference,
                     reference_label="random map"))],
-        [Table(["model", "map", "pointing game", "relevance mass"], rows,
+        [Table(["model", "map", "pointing game", "relevance mass"], rows, drill=drills, caption=
                f"Over {first['num_images']} test images with an object mask (objects cover "
                f"{format_estimate(area)} of the image): pointing game with Wilson intervals, relevance "
                f"mass (offset-free: the map minus its mean, positive part) with bootstrap intervals. Chance "
@@ -299,12 +426,12 @@ def perceptual(ctx, outputs: dict, settings: dict) -> SectionContent:
         order = sorted((c for c in components if _mean(effects[c]) is not None), key=lambda c: -effects[c]["mean"])
         ranking.append([label, " > ".join(order)])
     first = next(iter(outputs.values()))
-    picture = ctx.display(ctx.images(ctx.sample("perceptual", ctx.config.samples["perceptual"])[:1]))[0]
+    picture = ctx.display(ctx.images(ctx.sample(ctx.config.samples["perceptual"])[:1]))[0]
     shown = [c for c in components if f"component_{c}" in first.arrays]
     grid = [("components", [("input", picture, None)]
              + [(c, first.arrays[f"component_{c}"], None) for c in shown])]
-    grid += [(m, [("input", picture, None)] + [(c, picture, normalize_map(outputs[m].arrays[f"map_{c}"], "zscore"))
-                                               for c in shown if f"map_{c}" in outputs[m].arrays])
+    grid += [(m, [("input", picture, None)] + [(c, picture, normalize_map(outputs[m].arrays[f"maps__perceptual__{c}"][0].astype(np.float32), "zscore"))
+                                               for c in shown if f"maps__perceptual__{c}" in outputs[m].arrays])
              for m in _examples(ctx, outputs)]
     skipped = sorted({f"{c} ({why})" for o in outputs.values() for c, why in o.results["skipped"].items()})
     count = first.results["num_images"]
@@ -423,7 +550,7 @@ def tradeoff(ctx, outputs: dict, settings: dict) -> SectionContent:
                 value = f"{format_estimate(value)} ▲"
             line.append(value)
         cells.append(line)
-    table = Table(list(columns.values()), cells,
+    table = Table(list(columns.values()), cells, sortable=True, caption=
                   "Representation quality (left) against explanation quality (right), 95% intervals (sample "
                   "sizes in each section). ▲: better than every other trained model, the paired difference's "
                   "interval excluding 0. The chance row: 1 / classes, a random map, a random pixel order.")
@@ -455,7 +582,17 @@ def tradeoff(ctx, outputs: dict, settings: dict) -> SectionContent:
                             scatter_figure(points, xlabel=columns[x_key], ylabel=columns["invariance_iou"],
                                            title="Trade-off", reference=(_mean(chance[x_key]), _mean(chance["invariance_iou"])))))
     notes = compare.conclusion(ctx, pairs) + ["How precise these numbers are: " + " ".join(precision_notes(ctx))]
-    return SectionContent(figures, tables, notes)
+    numeric = [key for key in columns if key in metrics]
+    interactive = []
+    if len(numeric) >= 2:
+        trained = rows[:-1]
+        choose = lambda key, default: key if key in numeric else default  # noqa: E731
+        x = choose(x_key, numeric[0])
+        y = choose("invariance_iou", next(k for k in numeric if k != x))
+        interactive.append(tradeoff_scatter(
+            [row["model"] for row in trained], {columns[k]: [row[k] for row in trained] for k in numeric},
+            x=columns[x], y=columns[y]))
+    return SectionContent(figures, tables, notes, interactive)
 
 
 def _ground_truth_row(row: dict) -> list:
@@ -476,6 +613,22 @@ def _ground_truth_row(row: dict) -> list:
     return [row["test"].replace("_", " "), what, row["value"], *against, contrast, direct, row["verdict"]]
 
 
+def _ground_truth_drill(result, row: dict) -> Drill | None:
+    """The images behind a ground-truth row and each one's value of the row's measure."""
+    if row["test"] == "planted_cue":
+        images, key = "cue_images", item_key(row["explainer"], "cue", "share")
+    elif row["test"] == "grayscale_floor":
+        images, key = "policy_images", item_key("grayscale_floor", "effect")
+    else:
+        images, key = "policy_images", item_key(row["test"], row["augmented_model"], row["component"], "effect")
+    if images not in result.arrays or key not in result.arrays:
+        return None
+    thumbnails = {f"{row['test']}-{i}": picture for i, picture in enumerate(result.arrays[images])}
+    what = explainer_label(row["explainer"]) if "explainer" in row else f"{row['component']} component"
+    return _drill(f"{row['test'].replace('_', ' ')} · {what}: {row['measure']} per image", row["measure"],
+                  result.arrays[key], thumbnails)
+
+
 def groundtruth(ctx, outputs: dict, settings: dict) -> SectionContent:
     result = outputs["study"]
     rows = result.results["tests"]
@@ -486,7 +639,7 @@ def groundtruth(ctx, outputs: dict, settings: dict) -> SectionContent:
     figures = []
     cue = [row["explainer"] for row in rows if row["test"] == "planted_cue"]
     if cue:
-        images = result.arrays["cue_images"]
+        images = result.arrays["cue_images"][:3]
         grid = [(f"image {i + 1}", [("input", images[i], None)] + [
             (f"{explainer_label(name)} · {model}", images[i], result.arrays[f"maps__{name}__{model}"][i])
             for name in cue for model in ("cue", "cue-control")]) for i in range(len(images))]
@@ -495,7 +648,7 @@ def groundtruth(ctx, outputs: dict, settings: dict) -> SectionContent:
     table = Table(
         ["test", "explainer or component", "measured", "control model", "random map", "contrast",
          "direct contrast (no explainer)", "verdict"],
-        [_ground_truth_row(row) for row in rows],
+        [_ground_truth_row(row) for row in rows], drill=[_ground_truth_drill(result, row) for row in rows], caption=
         f"{result.results['num_images']} test images per test, 95% bootstrap intervals over images (paired where "
         f"two models see the same images). Planted cue: share of offset-free importance on the marker; policy "
         f"tests: the component's effect 1 − E[s] of the augmented model, its control trained without the "

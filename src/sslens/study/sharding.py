@@ -3,7 +3,7 @@
 Under torchrun each rank explains its share of the batch (every ``size``-th image, the strided
 split of :func:`sslens.distributed.shard`) and the results are all-gathered back into the batch's
 order, so every rank ends with the maps one process computes and runs the experiment's metrics on
-all of them. Without torchrun both functions call the explainer on the whole batch, unchanged.
+all of them. Without torchrun :func:`explain_rows` calls the explainer on the whole batch, unchanged.
 
 The split gives the maps of one process because an image's map depends only on the image and
 the seed, never on which other images share the call: RELAX and the perceptual components draw
@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 import torch
 
 from sslens.distributed import gather_objects, shard, unshard, world
 from sslens.explain.base import Explanation
 
-T = TypeVar("T")
 
-
-def _each_rank(function: Callable[..., T], images: torch.Tensor, per_image: dict) -> list[T | None]:
+def _each_rank(function: Callable[..., Explanation], images: torch.Tensor, per_image: dict) -> list[Explanation | None]:
     """Every rank's ``function(its rows, **its rows of per_image)``, in rank order (None for a
     rank left without images: fewer images than ranks)."""
     index = torch.tensor(shard(range(len(images))), dtype=torch.long)
@@ -37,37 +34,19 @@ def _each_rank(function: Callable[..., T], images: torch.Tensor, per_image: dict
     return gather_objects(mine)
 
 
-def _to_cpu(value: torch.Tensor | Explanation) -> torch.Tensor | Explanation:
+def _to_cpu(value: Explanation) -> Explanation:
     # Object collectives pickle their values; a CUDA tensor would be unpickled onto the sender's GPU.
-    if isinstance(value, Explanation):
-        return dataclasses.replace(
-            value,
-            importance=value.importance.detach().cpu(),
-            uncertainty=None if value.uncertainty is None else value.uncertainty.detach().cpu(),
-            components={name: maps.detach().cpu() for name, maps in value.components.items()},
-        )
-    return value.detach().cpu()
+    return dataclasses.replace(
+        value,
+        importance=value.importance.detach().cpu(),
+        uncertainty=None if value.uncertainty is None else value.uncertainty.detach().cpu(),
+        components={name: maps.detach().cpu() for name, maps in value.components.items()},
+    )
 
 
 def _merge(parts: Sequence[torch.Tensor | None], total: int) -> torch.Tensor:
     """Per-rank (n_r, ...) rows → (total, ...) in the batch's order."""
     return torch.stack(unshard([[] if part is None else list(part.unbind(0)) for part in parts], total))
-
-
-def map_rows(function: Callable[..., torch.Tensor], images: torch.Tensor, **per_image: torch.Tensor | None) -> torch.Tensor:
-    """``function(images, **per_image)`` → (B, ...) with the B images split across ranks.
-
-    Args:
-        function: (b, 3, H, W) images (plus the same b rows of each ``per_image`` tensor) →
-            (b, ...) results, one row per image, independent of the other images of the call.
-        images: (B, 3, H, W).
-        per_image: (B, ...) tensors split like the images, or None (passed as it is).
-
-    Returns (B, ...) on the images' device, identical on every rank.
-    """
-    if not world().distributed or len(images) == 0:
-        return function(images, **per_image)
-    return _merge(_each_rank(function, images, per_image), len(images)).to(images.device)
 
 
 def explain_rows(
