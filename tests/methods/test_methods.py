@@ -1,4 +1,4 @@
-"""SimCLR, MoCo v2 and SwAV on the tiny backbone: gradients, learning, queues, state."""
+"""SimCLR, MoCo v2, SwAV, Barlow Twins and VICReg on the tiny backbone: gradients, learning, queues, state."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslens.methods import METHODS, MoCo, SimCLR, SwAV, create_method
+from sslens.methods import METHODS, BarlowTwins, MoCo, SimCLR, SwAV, VICReg, create_method
 from sslens.models import create_backbone
 
 BATCH, SIZE = 16, 16
-SMALL = {"moco": {"queue_size": 64}, "swav": {"num_prototypes": 16, "freeze_prototypes_steps": 0}}
+SMALL = {"moco": {"queue_size": 64}, "swav": {"num_prototypes": 16, "freeze_prototypes_steps": 0},
+         "barlow_twins": {"hidden_dim": 128, "out_dim": 128}, "vicreg": {"hidden_dim": 128, "out_dim": 128}}
+TRAINABLE = ["simclr", "moco", "swav", "barlow_twins", "vicreg"]
 
 
 def _views(count: int = 2, size: int = SIZE, seed: int = 0) -> list[torch.Tensor]:
@@ -27,15 +29,11 @@ def _method(name: str, **options):
 
 def test_registered_methods_and_default_views():
     # "imported" wraps published checkpoints (sslens.published, sslens.methods.imported); it is not trainable.
-    assert METHODS.names() == ["imported", "moco", "simclr", "swav"]
-    assert [_method(n).default_views for n in ("simclr", "moco", "swav")] == [
-        "simclr",
-        "moco-v2",
-        "swav",
-    ]
+    assert METHODS.names() == ["barlow_twins", "imported", "moco", "simclr", "swav", "vicreg"]
+    assert [_method(n).default_views for n in TRAINABLE] == ["simclr", "moco-v2", "swav", "simclr", "simclr"]
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco", "swav"])
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_step_gives_finite_loss_and_grads_on_the_online_encoder_only(name: str):
     method = _method(name)
     out = method.training_step(_views())
@@ -57,11 +55,14 @@ def test_step_gives_finite_loss_and_grads_on_the_online_encoder_only(name: str):
 def test_metrics_per_method():
     assert set(_method("simclr").training_step(_views()).metrics) == {"positive_pair_top1"}
     assert set(_method("moco").training_step(_views()).metrics) == {"positive_pair_top1"}
+    assert set(_method("barlow_twins").training_step(_views()).metrics) == {"positive_pair_top1"}
+    assert set(_method("vicreg").training_step(_views()).metrics) == {
+        "positive_pair_top1", "invariance", "variance", "covariance"}
     usage = _method("swav").training_step(_views()).metrics
     assert set(usage) == {"prototype_usage"} and 0 <= float(usage["prototype_usage"]) <= 1
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco", "swav"])
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_a_few_sgd_steps_lower_the_loss_on_a_fixed_batch(name: str):
     method = _method(name)
     views = _views(seed=1)
@@ -85,7 +86,7 @@ def test_a_few_sgd_steps_lower_the_loss_on_a_fixed_batch(name: str):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco"])
+@pytest.mark.parametrize("name", ["simclr", "moco", "barlow_twins", "vicreg"])
 def test_two_view_methods_reject_wrong_views(name: str):
     method = _method(name)
     with pytest.raises(ValueError, match="exactly 2 views"):
@@ -103,6 +104,9 @@ def test_two_view_methods_reject_wrong_views(name: str):
         (MoCo, {"momentum_schedule": "linear"}, "constant, cosine"),
         (SwAV, {"num_prototypes": 0}, "num_prototypes"),
         (SwAV, {"queue_length": -1}, "queue_length"),
+        (BarlowTwins, {"lambd": 0}, "lambd"),
+        (BarlowTwins, {"num_layers": 0}, "num_layers"),
+        (VICReg, {"variance_weight": -1}, "variance_weight"),
     ],
 )
 def test_constructors_validate_arguments(cls, kwargs, message):

@@ -3,7 +3,8 @@
 The step test is the issue's acceptance check: one step of each method on R = 2 processes, each
 holding half of a global batch, gives the loss and the updated weights of one process on the
 whole batch. It can only pass if the SimCLR negatives are gathered *with* their gradients, SwAV's
-Sinkhorn runs over the global batch, MoCo's shuffled BN spans the ranks and BatchNorm is
+Sinkhorn runs over the global batch, Barlow Twins' cross-correlation and VICReg's variance and
+covariance cover the global batch, MoCo's shuffled BN spans the ranks and BatchNorm is
 synchronised (each of these, done per process, changes the weights by far more than the
 tolerance).
 """
@@ -62,7 +63,7 @@ def two_process_step(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco", "swav"])
+@pytest.mark.parametrize("name", ["simclr", "moco", "swav", "barlow_twins", "vicreg"])
 def test_one_step_on_two_processes_equals_one_process_on_the_global_batch(two_process_step, name):
     worker = _worker_module()
     # One process: the whole global batch; MoCo's shuffled BN needs one group per rank.
@@ -78,7 +79,10 @@ def test_one_step_on_two_processes_equals_one_process_on_the_global_batch(two_pr
     assert distributed["state"].keys() == state.keys()
     moved = 0
     for key, value in state.items():
-        torch.testing.assert_close(distributed["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        # Float rounding grows with the step: Barlow Twins' loss (~85) moves the stem by ~45 at
+        # lr 0.5, where rounding reaches 1.5e-4; a per-process loss would differ by O(the step).
+        step = (value - initial[key]).abs().max().item() if value.dtype.is_floating_point and value.numel() else 0.0
+        torch.testing.assert_close(distributed["state"][key], value, rtol=1e-4, atol=1e-5 * (1 + step), msg=key)
         moved += int(value.dtype.is_floating_point and not torch.allclose(value, initial[key]))
     assert moved > 10  # the step changed the weights: the comparison is not between two no-ops
 

@@ -26,6 +26,8 @@ METHOD_OPTIONS = {
     "simclr": {},
     "moco": {"queue_size": 64, "key_bn_splits": 1},
     "swav": {"num_prototypes": 16, "freeze_prototypes_steps": 0},
+    "barlow_twins": {"hidden_dim": 64, "out_dim": 64},
+    "vicreg": {"hidden_dim": 64, "out_dim": 64},
 }
 
 

@@ -11,6 +11,8 @@ _EXPORTS = {
     "SimCLR": "sslens.methods.simclr",
     "MoCo": "sslens.methods.moco",
     "SwAV": "sslens.methods.swav",
+    "BarlowTwins": "sslens.methods.barlow_twins",
+    "VICReg": "sslens.methods.vicreg",
     "ImportedMethod": "sslens.methods.imported",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

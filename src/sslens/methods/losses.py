@@ -3,6 +3,8 @@
 * :func:`nt_xent` — SimCLR, https://arxiv.org/abs/2002.05709, eq. (1).
 * :func:`info_nce` — MoCo, https://arxiv.org/abs/1911.05722, eq. (1).
 * :func:`sinkhorn` and :func:`swav_loss` — SwAV, https://arxiv.org/abs/2006.09882, section 3.1.
+* :func:`barlow_twins_loss` — Barlow Twins, https://arxiv.org/abs/2103.03230, eq. (1).
+* :func:`vicreg_loss` — VICReg, https://arxiv.org/abs/2105.04906, eqs. (1)-(6).
 * :func:`positive_pair_top1` — how often the positive is the most similar candidate (a training
   statistic, not a downstream accuracy).
 * :func:`momentum_update` and :func:`cosine_momentum` — MoCo's momentum encoder and BYOL's
@@ -133,6 +135,84 @@ def info_nce(
     """
     logits, targets = info_nce_logits(query, key, queue, temperature)
     return F.cross_entropy(logits, targets)
+
+
+def _check_pair(z1: torch.Tensor, z2: torch.Tensor, method: str) -> None:
+    if z1.ndim != 2 or z1.shape != z2.shape or len(z1) < 2:
+        raise ValueError(f"{method} needs two (N, D) embeddings of one shape with N >= 2; got "
+                         f"{tuple(z1.shape)} and {tuple(z2.shape)}")
+
+
+def _off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of a square (D, D) matrix, flattened."""
+    return matrix[~torch.eye(len(matrix), dtype=torch.bool, device=matrix.device)]
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -> torch.Tensor:
+    """Barlow Twins: "L_BT = Σ_i (1 − C_ii)² + λ Σ_i Σ_{j≠i} C_ij²", where C is "the
+    cross-correlation matrix computed between the outputs of the two identical networks along
+    the batch dimension" (Zbontar et al. 2021, eq. 1-2).
+
+    Args:
+        z1, z2: (N, D) embeddings of two views of the same N images. Each dimension is
+            standardised over the batch as the official code's affine-free BatchNorm does
+            (biased variance, ε = 1e-5); pass the global batch under torchrun.
+        lambd: λ, 5e-3 as in the paper.
+
+    Returns the scalar loss: 0 when the two standardised views are identical and their
+    dimensions uncorrelated (C = I).
+    """
+    _check_pair(z1, z2, "Barlow Twins")
+    positive_number("lambd", lambd, "5e-3 is the paper's")
+    standard = [F.batch_norm(z, None, None, training=True) for z in (z1, z2)]
+    c = standard[0].T @ standard[1] / len(z1)
+    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
+
+
+def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, *, eps: float = 1e-4,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """VICReg's three terms (Bardes et al. 2022, eqs. 1-5), as the official code computes them.
+
+    * invariance: "the mean-squared euclidean distance between each pair of vectors", on this
+      process's images;
+    * variance: "a hinge function on the standard deviation of the embeddings along the batch
+      dimension", mean over dimensions of max(0, 1 − sqrt(Var(z_j) + ε)), averaged over the views;
+    * covariance: "the sum of the squared off-diagonal coefficients of C(Z), with a factor 1/d",
+      summed over the views; C(Z) with the unbiased 1/(N − 1).
+
+    ``gather`` (e.g. :func:`sslens.distributed.gather_with_grad`) gives variance and covariance
+    the global batch under torchrun, as the official ``FullGatherLayer`` does.
+    """
+    _check_pair(z1, z2, "VICReg")
+    invariance = F.mse_loss(z1, z2)
+    if gather is not None:
+        z1, z2 = gather(z1), gather(z2)
+    variance, covariance = z1.new_zeros(()), z1.new_zeros(())
+    for z in (z1, z2):
+        centred = z - z.mean(dim=0)
+        variance = variance + F.relu(1 - torch.sqrt(centred.var(dim=0) + eps)).mean() / 2
+        cov = centred.T @ centred / (len(z) - 1)
+        covariance = covariance + _off_diagonal(cov).pow(2).sum() / z.shape[1]
+    return {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, *, invariance_weight: float = 25.0,
+                variance_weight: float = 25.0, covariance_weight: float = 1.0, eps: float = 1e-4,
+                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """λ·invariance + μ·variance + ν·covariance of :func:`vicreg_terms`, with the paper's
+    λ = μ = 25, ν = 1 (section 4.1)."""
+    terms = vicreg_terms(z1, z2, eps=eps, gather=gather)
+    return (invariance_weight * terms["invariance"] + variance_weight * terms["variance"]
+            + covariance_weight * terms["covariance"])
+
+
+@torch.no_grad()
+def view_agreement_top1(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """How often each image's first view is most cosine-similar to its own second view among
+    the batch's second views: the positive-pair top-1 of a method without negatives, for the
+    training log's health check (a collapsing projection makes it fall)."""
+    logits = F.normalize(z1.detach(), dim=1) @ F.normalize(z2.detach(), dim=1).T
+    return positive_pair_top1(logits, torch.arange(len(z1), device=z1.device))
 
 
 @torch.no_grad()
