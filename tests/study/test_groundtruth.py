@@ -102,7 +102,7 @@ def _ground_truth(tmp_path, name: str, **settings) -> list[dict]:
 
 def test_relax_and_gradcam_find_a_planted_marker(tmp_path):
     rows = {row["explainer"]: row for row in _ground_truth(
-        tmp_path, "cue", tests=["planted_cue"], num_images=256, epochs=30, batch_size=64)}
+        tmp_path, "cue", tests=["planted_cue"], num_images=256, epochs=20, batch_size=64)}
     assert set(rows) == {"relax", "gradcam"}
     for name, row in rows.items():
         share, control, random = row["value"]["mean"], row["control"]["mean"], row["random_map"]["mean"]
