@@ -3,6 +3,16 @@
 import pytest
 import torch
 
+#: The tests that take minutes (they train models to a measured margin). They are run first, so
+#: that under pytest-xdist the workers do not finish the short tests and then wait, one of them
+#: idle, while another runs a long one left for the end.
+LONG_TESTS = ("tests/train/test_learning.py", "tests/study/test_groundtruth.py::test_relax_and_gradcam",
+              "tests/study/test_groundtruth.py::test_colour_augmentation")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not any(item.nodeid.startswith(prefix) for prefix in LONG_TESTS))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_user_cache(tmp_path_factory):
