@@ -181,11 +181,10 @@ def _per_image(ctx, stage: str, key: str, rows: dict[int, int], count: int) -> d
     """{model: (count,) values} of a per-image array of ``stage`` placed at the explorer's rows
     (``rows``: test index → row), NaN for images the stage did not measure."""
     found = {}
-    samples = ctx.config.samples.get(stage)
+    indices = ctx.sample(ctx.config.samples.get(stage) or 0, with_masks=stage == "localization").tolist()
     for model, output in ctx.outputs.get(stage, {}).items():
         if key not in output.arrays:
             continue
-        indices = ctx.sample(samples, with_masks=stage == "localization").tolist()
         values = np.full(count, np.nan)
         for index, value in zip(indices, np.asarray(output.arrays[key], dtype=np.float64), strict=True):
             if index in rows:
@@ -194,8 +193,8 @@ def _per_image(ctx, stage: str, key: str, rows: dict[int, int], count: int) -> d
     return found
 
 
-#: The per-image metrics the explorer colours by: (name, stage, array key, what it means).
 def _explorer_metrics(ctx) -> list[tuple[str, str, str, str]]:
+    """The per-image metrics the explorer colours by: (name, stage, array key, what it means)."""
     metrics = [("invariance IoU", "invariance", item_key("average", "iou"),
                 "Mean IoU of the RELAX maps over the augmentations (higher: more invariant).")]
     for name in ctx.config.settings.get("faithfulness", {}).get("explainers", []):
@@ -270,7 +269,8 @@ def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
     columns = [*augmentations, "average"] + ([RETEST] if settings["retest"] else [])
     paths = {a: (a,) for a in augmentations} | {"average": ("average",), RETEST: (RETEST,)}
     rows_iou, rows_corr, heat, drills = [], [], {}, []
-    thumbnails = _thumbnails(ctx, ctx.sample(ctx.config.samples["invariance"]))
+    indices = ctx.sample(ctx.config.samples["invariance"])
+    thumbnails = _thumbnails(ctx, indices)
     for label, models in _rows(ctx, outputs):
         rows_iou.append([label, *[_cell(outputs, models, *paths[c], "iou") for c in columns]])
         drills.append(_drill(f"{label}: invariance IoU per image", "mean IoU over the augmentations",
@@ -286,7 +286,6 @@ def invariance(ctx, outputs: dict, settings: dict) -> SectionContent:
     retest_note = (" Retest: the unchanged image explained again with other masks (seed + 1), the ceiling"
                    " an augmentation's score can reach given RELAX's own noise." if settings["retest"] else "")
     # The example row shows each augmented image with its own map, in the augmented frame.
-    indices = ctx.sample(ctx.config.samples["invariance"])
     image = ctx.images(indices[:1])
     views = [("original", image)] + [
         (a, invariance_augmentation(a, ctx.mean, ctx.std).apply(image)) for a in augmentations
