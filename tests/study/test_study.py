@@ -451,3 +451,18 @@ def test_every_experiment_draws_from_one_nested_order_of_the_test_images():
     masked = ctx.sample(5, with_masks=True).tolist()
     assert masked == [i for i in ctx.sample(40).tolist() if test.masks[i].any()][:5]
     assert ctx.sample(1).item() not in masked
+
+
+def test_the_explorer_section_needs_no_masks_when_localisation_did_not_run():
+    """A folder of images has no object masks; a study without the localisation experiment must
+    still colour the explorer by the metrics that did run (this crashed once)."""
+    from sslens.data.base import load_split
+    from sslens.study.config import load_study_config
+    from sslens.study.context import StudyContext
+    from sslens.study.sections import _per_image
+
+    config = load_study_config(None, tiny(models=TINY["models"][:1]))
+    test = load_split("synthetic", "test", data_dir=None, image_size=32, options={"num_images": 40}, device="cpu")
+    test = dataclasses.replace(test, masks=None)
+    ctx = StudyContext(config, torch.device("cpu"), test, test)
+    assert _per_image(ctx, "localization", "anything", {0: 0}, 1) == {}

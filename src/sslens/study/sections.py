@@ -181,8 +181,12 @@ def _per_image(ctx, stage: str, key: str, rows: dict[int, int], count: int) -> d
     """{model: (count,) values} of a per-image array of ``stage`` placed at the explorer's rows
     (``rows``: test index → row), NaN for images the stage did not measure."""
     found = {}
+    outputs = ctx.outputs.get(stage, {})
+    if not outputs:
+        # A stage that did not run has no sample to draw (localisation's needs object masks).
+        return found
     indices = ctx.sample(ctx.config.samples.get(stage) or 0, with_masks=stage == "localization").tolist()
-    for model, output in ctx.outputs.get(stage, {}).items():
+    for model, output in outputs.items():
         if key not in output.arrays:
             continue
         values = np.full(count, np.nan)
