@@ -24,7 +24,7 @@ from sslens.train import load_config
 from sslens.train.loop import train_step
 from sslens.train.optim import create_optimizer
 
-METHODS = ("simclr", "moco", "swav", "barlow_twins", "vicreg")
+METHODS = ("simclr", "moco", "swav", "barlow_twins", "vicreg", "byol")
 
 
 def views_for(method: str, batch: int, size: int, device: torch.device) -> list[torch.Tensor]:

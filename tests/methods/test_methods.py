@@ -13,8 +13,9 @@ from sslens.models import create_backbone
 
 BATCH, SIZE = 16, 16
 SMALL = {"moco": {"queue_size": 64}, "swav": {"num_prototypes": 16, "freeze_prototypes_steps": 0},
-         "barlow_twins": {"hidden_dim": 128, "out_dim": 128}, "vicreg": {"hidden_dim": 128, "out_dim": 128}}
-TRAINABLE = ["simclr", "moco", "swav", "barlow_twins", "vicreg"]
+         "barlow_twins": {"hidden_dim": 128, "out_dim": 128}, "vicreg": {"hidden_dim": 128, "out_dim": 128},
+         "byol": {"hidden_dim": 128, "out_dim": 128}}
+TRAINABLE = ["simclr", "moco", "swav", "barlow_twins", "vicreg", "byol"]
 
 
 def _views(count: int = 2, size: int = SIZE, seed: int = 0) -> list[torch.Tensor]:
@@ -29,8 +30,8 @@ def _method(name: str, **options):
 
 def test_registered_methods_and_default_views():
     # "imported" wraps published checkpoints (sslens.published, sslens.methods.imported); it is not trainable.
-    assert METHODS.names() == ["barlow_twins", "imported", "moco", "simclr", "swav", "vicreg"]
-    assert [_method(n).default_views for n in TRAINABLE] == ["simclr", "moco-v2", "swav", "simclr", "simclr"]
+    assert METHODS.names() == ["barlow_twins", "byol", "imported", "moco", "simclr", "swav", "vicreg"]
+    assert [_method(n).default_views for n in TRAINABLE] == ["simclr", "moco-v2", "swav", "simclr", "simclr", "byol"]
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
@@ -41,7 +42,7 @@ def test_step_gives_finite_loss_and_grads_on_the_online_encoder_only(name: str):
     assert all(torch.isfinite(v) and v.ndim == 0 for v in out.metrics.values())
     out.loss.backward()
     for param_name, param in method.named_parameters():
-        if param_name.startswith("key_"):
+        if param_name.startswith(("key_", "target_")):
             assert not param.requires_grad and param.grad is None, param_name
         else:
             assert param.grad is not None, param_name

@@ -141,9 +141,9 @@ def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
 def test_every_packaged_config_is_valid(name):
     config = load_config(name, {})
     assert isinstance(config, TrainConfig)
-    assert dataclasses.asdict(config)["method"] in ("simclr", "moco", "swav", "barlow_twins", "vicreg")
+    assert dataclasses.asdict(config)["method"] in ("simclr", "moco", "swav", "barlow_twins", "vicreg", "byol")
 
 
 def test_configs_are_packaged():
     assert {"simclr-synthetic", "moco-synthetic", "swav-synthetic", "barlow_twins-synthetic", "vicreg-synthetic",
-            "moco-cifar10"} <= set(packaged_configs())
+            "byol-synthetic", "moco-cifar10"} <= set(packaged_configs())

@@ -63,7 +63,7 @@ def two_process_step(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco", "swav", "barlow_twins", "vicreg"])
+@pytest.mark.parametrize("name", ["simclr", "moco", "swav", "barlow_twins", "vicreg", "byol"])
 def test_one_step_on_two_processes_equals_one_process_on_the_global_batch(two_process_step, name):
     worker = _worker_module()
     # One process: the whole global batch; MoCo's shuffled BN needs one group per rank.

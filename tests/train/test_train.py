@@ -139,7 +139,9 @@ def state_of(run) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "options"),
-    [("moco", {"queue_size": 64, "key_bn_splits": 2}), ("swav", {"num_prototypes": 12, "freeze_prototypes_steps": 3})],
+    [("moco", {"queue_size": 64, "key_bn_splits": 2}), ("swav", {"num_prototypes": 12, "freeze_prototypes_steps": 3}),
+     # A constant momentum: the cosine one depends on the run's length, which this test extends.
+     ("byol", {"hidden_dim": 32, "out_dim": 16, "momentum_schedule": "constant"})],
 )
 def test_resume_is_bitwise_identical(tmp_path, method, options):
     common = {"method": method, "method_options": options, "deterministic": True, "max_steps": None}

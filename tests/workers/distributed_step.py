@@ -28,6 +28,7 @@ METHOD_OPTIONS = {
     "swav": {"num_prototypes": 16, "freeze_prototypes_steps": 0},
     "barlow_twins": {"hidden_dim": 64, "out_dim": 64},
     "vicreg": {"hidden_dim": 64, "out_dim": 64},
+    "byol": {"hidden_dim": 64, "out_dim": 32},
 }
 
 

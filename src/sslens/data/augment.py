@@ -715,6 +715,45 @@ def moco_v2_views(
     )
 
 
+@VIEW_RECIPES.register("byol")
+def byol_views(
+    *,
+    image_size: int,
+    mean,
+    std,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    flip_p: float = 0.5,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.2,
+    hue: float = 0.1,
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    blur_p: tuple[float, float] | None = None,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    solarize_p: tuple[float, float] = (0.0, 0.2),
+) -> ViewRecipe:
+    """BYOL's two asymmetric views (https://arxiv.org/abs/2006.07733, appendix B, Table 6).
+
+    Both views: crop scale (0.08, 1), flip 0.5, colour jitter 0.4/0.4/0.2/0.1 with p 0.8,
+    grayscale 0.2. They differ in blur (p 1.0 for the first view, 0.1 for the second) and
+    solarisation (p 0 and 0.2). ``blur_p=None`` gives the paper's (1.0, 0.1) from 64 px and no blur
+    below, as :func:`default_blur_p` does for SimCLR (solo-learn's CIFAR BYOL also drops it).
+    """
+    if blur_p is None:
+        blur_p = (1.0, 0.1) if default_blur_p(image_size) > 0 else (0.0, 0.0)
+    for name, pair in (("blur_p", blur_p), ("solarize_p", solarize_p)):
+        if len(pair) != 2:
+            raise ValueError(f"{name} takes one probability per view, e.g. [1.0, 0.1]; got {pair!r}")
+    views = [
+        ViewSpec(size=image_size, crop_scale=crop_scale, flip_p=flip_p, brightness=brightness, contrast=contrast,
+                 saturation=saturation, hue=hue, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur,
+                 blur_kernel_size=simclr_kernel_size(image_size), blur_sigma=blur_sigma, solarize_p=solarize)
+        for blur, solarize in zip(blur_p, solarize_p, strict=True)
+    ]
+    return ViewRecipe("byol", views, mean, std)
+
+
 @VIEW_RECIPES.register("reference-cifar")
 def reference_cifar_views(
     *,

@@ -13,6 +13,7 @@ _EXPORTS = {
     "SwAV": "sslens.methods.swav",
     "BarlowTwins": "sslens.methods.barlow_twins",
     "VICReg": "sslens.methods.vicreg",
+    "BYOL": "sslens.methods.byol",
     "ImportedMethod": "sslens.methods.imported",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -206,6 +206,17 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, *, invariance_weight: float 
             + covariance_weight * terms["covariance"])
 
 
+def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL's normalised mean squared error, averaged over the batch.
+
+    https://arxiv.org/abs/2006.07733, eq. (2): ``‖q̄ − z̄′‖² = 2 − 2 ⟨q, z′⟩ / (‖q‖ ‖z′‖)``, with
+    ``q`` the online prediction (B, D) and ``z′`` the target projection (B, D) of the other view.
+    The target gets no gradient (stop-gradient). 0 for parallel rows, 4 for opposite ones.
+    """
+    _check_pair(prediction, target, "BYOL")
+    return (2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=1)).mean()
+
+
 @torch.no_grad()
 def view_agreement_top1(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """How often each image's first view is most cosine-similar to its own second view among
