@@ -156,6 +156,8 @@ def test_tradeoff_table_has_one_row_per_model_matching_results_json(finished):
     rows = results["tradeoff"]
     # The trained models, the random-weight floor and the chance levels.
     assert [row["model"] for row in rows] == ["simclr", "moco", "random-init", "chance"]
+    assert [row["principle"] for row in rows] == ["contrastive", "contrastive", "none (random weights)", None]
+    assert results["models"]["moco"]["principle"] == "contrastive"
     assert rows == json.loads(json.dumps(outcome.tradeoff))
     section = html.split(f"<h2>{EXPERIMENTS.get('tradeoff').title}</h2>")[1].split("</table>")[0]
     html_rows = re.findall(r"<tr>(.*?)</tr>", section)[1:]
@@ -466,3 +468,19 @@ def test_the_explorer_section_needs_no_masks_when_localisation_did_not_run():
     test = dataclasses.replace(test, masks=None)
     ctx = StudyContext(config, torch.device("cpu"), test, test)
     assert _per_image(ctx, "localization", "anything", {0: 0}, 1) == {}
+
+
+def test_the_tradeoff_groups_models_by_learning_principle_in_order_of_appearance():
+    from types import SimpleNamespace
+
+    from sslens.methods.base import learning_principle
+    from sslens.study.sections import grouped_units
+
+    methods = {"simclr": "contrastive", "byol": "self-distillation", "barlow": "redundancy reduction",
+               "random-init": "none (random weights)", "moco": "contrastive", "vicreg": "redundancy reduction"}
+    ctx = SimpleNamespace(models={name: SimpleNamespace(group=None, principle=principle)
+                                  for name, principle in methods.items()})
+    assert list(grouped_units(ctx)) == ["simclr", "moco", "byol", "barlow", "vicreg", "random-init"]
+    assert learning_principle({"method": "swav"}) == "clustering"
+    assert learning_principle({"method": "imported", "source_format": "moco"}) == "contrastive"
+    assert learning_principle({"method": "imported", "source_format": "timm"}) == "unknown"

@@ -44,6 +44,7 @@ class BarlowTwins(SSLMethod):
     """
 
     default_views = "simclr"
+    principle = "redundancy reduction"
 
     def __init__(self, backbone: Backbone, hidden_dim: int = 2048, out_dim: int = 2048, num_layers: int = 3,
                  lambd: float = 5e-3):

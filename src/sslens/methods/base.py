@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,9 @@ class SSLMethod(nn.Module):
     """
 
     default_views: str = "simclr"
+    #: The learning principle the study groups methods by: "contrastive", "clustering",
+    #: "self-distillation" or "redundancy reduction".
+    principle: str = "unknown"
 
     def __init__(self, backbone: Backbone):
         super().__init__()
@@ -88,6 +92,14 @@ class SSLMethod(nn.Module):
         if output == "projection":
             return nn.Sequential(self.backbone, self.projector)
         raise ValueError(f"output must be 'pooled' or 'projection'; got {output!r}")
+
+
+def learning_principle(meta: Mapping[str, Any]) -> str:
+    """The learning principle of the method a model directory's ``meta`` names; for an imported
+    checkpoint, of the method its ``source_format`` names ("unknown" for a plain torchvision or
+    timm network, whose training is not recorded)."""
+    name = meta.get("source_format") if meta.get("method") == "imported" else meta.get("method")
+    return METHODS.get(name).principle if name in METHODS else "unknown"
 
 
 def create_method(name: str, backbone: Backbone, **options) -> SSLMethod:

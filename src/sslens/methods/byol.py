@@ -59,6 +59,7 @@ class BYOL(SSLMethod):
     """
 
     default_views = "byol"
+    principle = "self-distillation"
 
     def __init__(self, backbone: Backbone, hidden_dim: int = 4096, out_dim: int = 256, momentum: float = 0.99,
                  momentum_schedule: str = "cosine", use_predictor: bool = True):

@@ -70,6 +70,7 @@ class MoCo(SSLMethod):
     """
 
     default_views = "moco-v2"
+    principle = "contrastive"
 
     def __init__(
         self,

@@ -44,6 +44,7 @@ class SimCLR(SSLMethod):
     """
 
     default_views = "simclr"
+    principle = "contrastive"
 
     def __init__(
         self,

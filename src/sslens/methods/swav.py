@@ -72,6 +72,7 @@ class SwAV(SSLMethod):
     """
 
     default_views = "swav"
+    principle = "clustering"
 
     def __init__(
         self,

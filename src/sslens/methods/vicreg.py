@@ -43,6 +43,7 @@ class VICReg(SSLMethod):
     """
 
     default_views = "simclr"
+    principle = "redundancy reduction"
 
     def __init__(self, backbone: Backbone, hidden_dim: int = 2048, out_dim: int = 2048, num_layers: int = 3,
                  invariance_weight: float = 25.0, variance_weight: float = 25.0, covariance_weight: float = 1.0):

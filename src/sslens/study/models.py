@@ -30,10 +30,11 @@ import torch
 from sslens.data.base import data_fingerprint
 from sslens.distributed import barrier, broadcast_object, world
 from sslens.hashing import file_sha256, json_sha256, module_sha256
+from sslens.methods.base import learning_principle
 from sslens.models.adapt import adapt_input
 from sslens.published import import_cached
 from sslens.store import MODEL_FILE, RunDir, build_method, load_model, resolve_model_file
-from sslens.study.spec import RANDOM_INIT, ModelSpec
+from sslens.study.spec import RANDOM_INIT, RANDOM_WEIGHTS, ModelSpec
 from sslens.train.config import TrainConfig
 
 #: TrainConfig keys that do not change the learned weights' recipe.
@@ -62,6 +63,11 @@ class StudyModel:
             self.method.encoder(output), self.meta, image_size=data.image_size, mean=data.mean, std=data.std
         )
 
+    @property
+    def principle(self) -> str:
+        """The learning principle the study groups this model by (:attr:`SSLMethod.principle`)."""
+        return RANDOM_WEIGHTS if self.source == "random-init" else learning_principle(self.meta)
+
     def training_log(self) -> list[dict]:
         """The records of the run that trained this model (none for a checkpoint or the floor)."""
         if self.model_file is None or self.source not in ("trained", "reused"):
@@ -72,6 +78,7 @@ class StudyModel:
         """What ``results.json`` records of the model; its file relative to the study folder ``root``."""
         return {
             "method": self.meta.get("method"),
+            "principle": self.principle,
             "backbone": self.meta.get("backbone"),
             "model_file": None if self.model_file is None else os.path.relpath(self.model_file, root),
             "weights_sha256": self.weights_sha256,

@@ -43,7 +43,7 @@ from sslens.report.html import Drill, Table
 from sslens.stats import format_estimate, over_seeds
 from sslens.study import compare
 from sslens.study.measures import CHANCE_DRAWS, CHANCE_MAPS, item_key
-from sslens.study.spec import RANDOM_INIT
+from sslens.study.spec import RANDOM_INIT, RANDOM_WEIGHTS
 
 FLAG = "FLAGGED: maps ignore the weights"
 
@@ -496,8 +496,18 @@ def tradeoff_columns(ctx) -> dict[str, str]:
     """The trade-off table's columns: {row key: header}."""
     headline = [m for m in compare.metrics(ctx) if m.headline]
     health = {"health": "health (RankMe pooled; warnings)"} if "health" in ctx.outputs else {}
-    return {"model": "model", **{m.key: m.label for m in headline}, "sanity": "sanity check", **health,
+    return {"model": "model", "principle": "learning principle", **{m.key: m.label for m in headline},
+            "sanity": "sanity check", **health,
             "training_seconds": "training time (s)"}
+
+
+def grouped_units(ctx) -> dict[str, list[str]]:
+    """:func:`compare.units` with the units of one learning principle next to each other, the
+    principles in the order they first appear and the random-weight floor last."""
+    units = compare.units(ctx)
+    principles = [ctx.models[models[0]].principle for models in units.values()]
+    order = list(dict.fromkeys(p for p in principles if p != RANDOM_WEIGHTS)) + [RANDOM_WEIGHTS]
+    return dict(sorted(units.items(), key=lambda item: order.index(ctx.models[item[1][0]].principle)))
 
 
 def tradeoff_rows(ctx) -> list[dict[str, Any]]:
@@ -505,9 +515,9 @@ def tradeoff_rows(ctx) -> list[dict[str, Any]]:
     as estimate dicts, its sanity verdicts and training time; then a ``chance`` row."""
     headline = [m for m in compare.metrics(ctx) if m.headline]
     rows = []
-    for unit, models in compare.units(ctx).items():
+    for unit, models in grouped_units(ctx).items():
         seconds = [ctx.models[m].training_seconds for m in models]
-        row: dict[str, Any] = {"model": unit}
+        row: dict[str, Any] = {"model": unit, "principle": ctx.models[models[0]].principle}
         row.update({m.key: compare.estimate(ctx, m, models) for m in headline})
         row["sanity"] = _verdicts(ctx, models)
         if "health" in ctx.outputs:
@@ -516,7 +526,7 @@ def tradeoff_rows(ctx) -> list[dict[str, Any]]:
         rows.append(row)
     if rows:
         first = compare.units(ctx)[rows[0]["model"]]
-        chance = {"model": "chance"} | {m.key: compare.chance(ctx, m, first) for m in headline}
+        chance = {"model": "chance", "principle": None} | {m.key: compare.chance(ctx, m, first) for m in headline}
         rows.append(chance | {"sanity": None, "training_seconds": None}
                     | ({"health": None} if "health" in ctx.outputs else {}))
     return rows

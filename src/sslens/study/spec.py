@@ -32,6 +32,8 @@ STUDY_OWNED_TRAIN_KEYS = ("data", "data_dir", "data_options", "image_size", "out
 #: The name of the floor model the study adds (``random_init: true``): the first trained
 #: model's architecture with random initial weights, put through every experiment like the others.
 RANDOM_INIT = "random-init"
+#: The floor's learning principle in the study's tables (it learned nothing).
+RANDOM_WEIGHTS = "none (random weights)"
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
