@@ -195,7 +195,8 @@ def explain_command(
     weights: Annotated[str | None, typer.Option(help="A local torchvision ResNet state dict to explain instead of an sslens model.")] = None,
     arch: Annotated[str | None, typer.Option(help="Architecture of --weights or of a --format checkpoint, e.g. resnet50.")] = None,
     format: Annotated[str | None, typer.Option(
-        help="MODEL is a published checkpoint in this layout (moco, swav, simclr, torchvision, timm); "
+        help="MODEL is a published checkpoint in this layout (moco, swav, simclr, barlowtwins, vicreg, dino, byol, "
+        "torchvision, timm); "
         "it is imported once into ~/.cache/sslens/imported (see `sslens import`).",
     )] = None,
     timm_name: Annotated[str | None, typer.Option(help="timm model name, with --format timm.")] = None,
@@ -236,7 +237,9 @@ def explain_command(
 @app.command("import", short_help="Import a published checkpoint as an sslens model.")
 def import_command(
     checkpoint: Annotated[str, typer.Argument(help="The published checkpoint file (or a name with --download).")],
-    format: Annotated[str, typer.Option(help="Source layout: moco, swav, simclr, torchvision or timm.")],
+    format: Annotated[str, typer.Option(
+        help="Source layout: moco, swav, simclr, barlowtwins, vicreg, dino, byol, torchvision or timm.",
+    )],
     out: Annotated[Path, typer.Option(help="The sslens model directory to write.")],
     arch: Annotated[str | None, typer.Option(
         help="ResNet of the checkpoint (resnet18, resnet50, resnet50-cifar, ...); default: read from its keys.",

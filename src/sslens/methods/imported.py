@@ -32,6 +32,8 @@ HEAD_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "linear": lambda in_dim, out_dim, bias: nn.Linear(in_dim, out_dim, bias=bias),
     "batchnorm": lambda dim: nn.BatchNorm1d(dim),
     "relu": lambda: nn.ReLU(),
+    # DINO's head (facebookresearch/dino vision_transformer.py DINOHead) uses nn.GELU().
+    "gelu": lambda: nn.GELU(),
 }
 
 
@@ -44,11 +46,14 @@ class ImportedMethod(SSLMethod):
         head: the projection head as ``[[kind, *args], ...]`` with kinds from
             :data:`HEAD_LAYERS`, e.g. MoCo v2's ``[["linear", 2048, 2048, True], ["relu"],
             ["linear", 2048, 128, True]]``; None = no head.
-        num_prototypes: K of SwAV's prototypes (a bias-free Linear out_dim → K); 0 = none.
+        num_prototypes: K of SwAV's prototypes (a bias-free Linear out_dim → K), or of DINO's
+            last layer (the same computation: its weight-normalised Linear reads the
+            L2-normalised bottleneck output); 0 = none.
 
     Outputs for explainers (:meth:`encoder`): "pooled" (B, feature_dim), "projection"
     (B, out_dim), "prototypes" (B, K): scores of the L2-normalised projection against the
-    prototypes, as SwAV computes them. It cannot be trained: :meth:`training_step` raises.
+    prototypes, as SwAV computes them (for DINO: the head's K logits, before centring and
+    temperature). It cannot be trained: :meth:`training_step` raises.
     """
 
     def __init__(self, backbone: Backbone, head: list | None = None, num_prototypes: int = 0):
@@ -114,12 +119,15 @@ def head_out_dim(spec: list) -> int:
     return next(int(entry[2]) for entry in reversed(spec) if entry[0] == "linear")
 
 
-def head_spec(head: Mapping[str, torch.Tensor]) -> list[list]:
+def head_spec(head: Mapping[str, torch.Tensor], activation: str = "relu") -> list[list]:
     """``[kind, *args]`` per index of an ``nn.Sequential``-keyed head state dict.
 
-    Linear = a 2-D ``weight``; BatchNorm1d = ``running_mean``; an index without parameters is a
-    ReLU, as in every published head sslens reads (MoCo v2, SwAV, SimCLRv2).
+    Linear = a 2-D ``weight``; BatchNorm1d = ``running_mean``; an index without parameters is
+    the ``activation`` (a parameter-free kind of :data:`HEAD_LAYERS`): a ReLU in MoCo v2, SwAV,
+    SimCLRv2, Barlow Twins, VICReg and BYOL heads, a GELU in DINO's.
     """
+    if activation not in ("relu", "gelu"):
+        raise ValueError(f"activation must be 'relu' or 'gelu'; got {activation!r}")
     indices = {int(key.split(".", 1)[0]) for key in head if key.split(".", 1)[0].isdigit()}
     if len(indices) != len({key.split(".", 1)[0] for key in head}):
         raise UserError(f"Cannot read the projection head: keys {', '.join(sorted(head))} are not index.param.")
@@ -131,7 +139,7 @@ def head_spec(head: Mapping[str, torch.Tensor]) -> list[list]:
         elif weight is not None and weight.ndim == 2:
             spec.append(["linear", int(weight.shape[1]), int(weight.shape[0]), f"{index}.bias" in head])
         elif index not in indices:
-            spec.append(["relu"])
+            spec.append([activation])
         else:
             params = sorted(key for key in head if key.startswith(f"{index}."))
             raise UserError(f"Cannot read projection-head layer {index} ({', '.join(params)}): not a Linear or BatchNorm1d.")
