@@ -483,4 +483,5 @@ def test_the_tradeoff_groups_models_by_learning_principle_in_order_of_appearance
     assert list(grouped_units(ctx)) == ["simclr", "moco", "byol", "barlow", "vicreg", "random-init"]
     assert learning_principle({"method": "swav"}) == "clustering"
     assert learning_principle({"method": "imported", "source_format": "moco"}) == "contrastive"
+    assert learning_principle({"method": "imported", "source_format": "barlowtwins"}) == "redundancy reduction"
     assert learning_principle({"method": "imported", "source_format": "timm"}) == "unknown"

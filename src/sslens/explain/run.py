@@ -498,7 +498,7 @@ def explain_images(
         weights: a local torchvision ResNet state dict, the same as ``model=weights,
             format="torchvision"``; ImageNet normalisation, 224 px.
         format, arch, timm_name: the layout of a published checkpoint ``model`` (moco, swav,
-            simclr, torchvision, timm; see :func:`sslens.published.import_checkpoint`).
+            simclr, byol, barlowtwins, vicreg, dino, torchvision, timm; see :func:`sslens.published.import_checkpoint`).
         output: "pooled" (backbone representation) or "projection" (projection-head output).
         num_masks: masks for RELAX-based methods (default: the explainer's).
         seed: seeds masks and augmented views.

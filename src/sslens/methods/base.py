@@ -94,11 +94,16 @@ class SSLMethod(nn.Module):
         raise ValueError(f"output must be 'pooled' or 'projection'; got {output!r}")
 
 
+#: Checkpoint formats (``sslens.published``) spelled otherwise than the method they come from.
+IMPORTED_METHOD_NAMES = {"barlowtwins": "barlow_twins"}
+
+
 def learning_principle(meta: Mapping[str, Any]) -> str:
     """The learning principle of the method a model directory's ``meta`` names; for an imported
     checkpoint, of the method its ``source_format`` names ("unknown" for a plain torchvision or
     timm network, whose training is not recorded)."""
     name = meta.get("source_format") if meta.get("method") == "imported" else meta.get("method")
+    name = IMPORTED_METHOD_NAMES.get(name, name)
     return METHODS.get(name).principle if name in METHODS else "unknown"
 
 

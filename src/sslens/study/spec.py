@@ -56,8 +56,9 @@ class ModelSpec:
     name: str
     train: TrainConfig | None = None
     checkpoint: str | None = None
-    #: layout of a published checkpoint file (moco, swav, simclr, torchvision, timm), imported
-    #: on first use; None for an sslens model directory or run.
+    #: layout of a published checkpoint file (a name in ``sslens.published.CHECKPOINT_FORMATS``: moco,
+    #: swav, simclr, byol, barlowtwins, vicreg, dino, torchvision, timm), imported on first use; None for
+    #: an sslens model directory or run.
     format: str | None = None
     #: the ResNet of the checkpoint; None: read from its keys.
     arch: str | None = None
