@@ -473,7 +473,7 @@ def test_a_published_checkpoint_without_format_suggests_one(model_dir, tmp_path,
     assert f"{checkpoint} looks like a published moco checkpoint, not an sslens model" in str(raised.value)
     assert f"`sslens explain {checkpoint} --format moco --image IMAGE ...`" in str(raised.value)
     monkeypatch.setattr(sslens.published, "guess_format_of_file", lambda path: None, raising=False)
-    with pytest.raises(UserError, match=r"not an sslens model .* --format \(moco, simclr, swav, timm, torchvision\)"):
+    with pytest.raises(UserError, match=r"not an sslens model .* --format \(barlowtwins, byol, dino, moco, simclr, swav, timm, torchvision, vicreg\)"):
         explain_images(str(checkpoint), [str(image)], out_dir=tmp_path / "out")
     # An sslens model is never second-guessed.
     monkeypatch.setattr(sslens.published, "guess_format_of_file", pytest.fail, raising=False)

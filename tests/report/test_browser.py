@@ -173,11 +173,11 @@ def test_the_explorer_hovers_pins_recolours_and_sorts(report, tmp_path):
         after = page.evaluate("Bokeh.documents[0].get_model_by_name('explorer-points').data.color_m0.slice()")
         assert after != before and after.count("#c8c8c8") == points - 2  # 2 images measured invariance
         assert "not measured" in page.locator(".legend").inner_text()
-        # Sort the trade-off table by kNN top-1, both ways.
+        # Sort the trade-off table by kNN top-1 (after the model and its learning principle), both ways.
         table = page.locator("table.sortable")
-        header = table.locator("th button.sort").nth(1)
+        header = table.locator("th button.sort").nth(2)
         values = lambda: [float(v) if v else None for v in  # noqa: E731
-                          table.locator("tbody tr").evaluate_all("rows => rows.map(r => r.cells[1].dataset.sort)")]
+                          table.locator("tbody tr").evaluate_all("rows => rows.map(r => r.cells[2].dataset.sort)")]
         header.click()
         ascending = values()
         assert ascending == sorted(ascending)

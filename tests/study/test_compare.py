@@ -25,7 +25,7 @@ def _quality(correct: np.ndarray) -> StageResult:
 
 def _context(correct: dict[str, np.ndarray], groups: dict[str, str] | None = None) -> SimpleNamespace:
     groups = groups or {}
-    models = {name: SimpleNamespace(group=groups.get(name), training_seconds=1.0) for name in correct}
+    models = {name: SimpleNamespace(group=groups.get(name), training_seconds=1.0, principle="contrastive") for name in correct}
     return SimpleNamespace(
         seed=0, models=models, outputs={"quality": {name: _quality(c) for name, c in correct.items()}},
         config=SimpleNamespace(settings={"quality": {"linear": False}}),
