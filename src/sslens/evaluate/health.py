@@ -50,6 +50,14 @@ FALL_MARGIN = 0.1
 #: A normalised std below this fraction of ``1/√D`` is reported as a collapse. Healthy runs
 #: sit near 1/√D and a young MoCo projection near 0.4 of it, so 0.1 flags only a real collapse.
 COLLAPSE_FRACTION = 0.1
+#: A self-distillation run (DINO) whose teacher's outputs carry less than this fraction of log K
+#: nats of information about the image (the ``teacher_mutual_information`` metric, epoch mean) is
+#: reported as a collapse: its output no longer depends on the input, whether it went uniform or
+#: onto one dimension, the two collapses centring and sharpening balance (Caron et al. 2021,
+#: https://arxiv.org/abs/2104.14294, section 5.3). Measured on the shapes world: 0 to 0.004 once
+#: DINO without centring has collapsed onto one dimension; 0.20 at the end of the packaged
+#: ``dino-synthetic`` run; 0.06 for the few fast steps of the centred unit-test run.
+TEACHER_INFORMATION_FLOOR = 0.01
 #: Bootstrap resamples for the statistics recomputed per resample (uniformity and the std).
 HEALTH_RESAMPLES = RESAMPLES // 2
 
@@ -172,8 +180,15 @@ def embedding_health(
 def health_warnings(records: Sequence[Mapping]) -> list[str]:
     """What a training log's epoch records say is wrong, one sentence each (empty when healthy):
     positive-pair top-1 falling for :data:`FALLING_EPOCHS` epochs in a row to at least
-    :data:`FALL_MARGIN` below its best, and the projection's normalised std below
-    :data:`COLLAPSE_FRACTION` of ``1/√D``."""
+    :data:`FALL_MARGIN` below its best, the projection's normalised std below
+    :data:`COLLAPSE_FRACTION` of ``1/√D``, and the mutual information between an image and a
+    self-distillation teacher's output (``teacher_mutual_information``) below
+    :data:`TEACHER_INFORMATION_FLOOR`.
+
+    DINO needs the last: when its teacher collapses onto one dimension (every output the same
+    one-hot) the bottleneck embeddings can still spread more than the std check's threshold, since
+    a margin of a few hundredths in cosine makes a 0.04-temperature softmax one-hot.
+    """
     epochs = [r for r in records if r.get("kind") == "epoch"]
     found = []
     top1 = [(r["epoch"], r["positive_pair_top1"]) for r in epochs if r.get("positive_pair_top1") is not None]
@@ -194,6 +209,21 @@ def health_warnings(records: Sequence[Mapping]) -> list[str]:
                 f"the normalised embedding std fell to {std:.4f} at epoch {record['epoch']}, under "
                 f"{COLLAPSE_FRACTION:g} × 1/√D = {COLLAPSE_FRACTION * reference:.4f}: the projection collapsed "
                 f"towards a point."
+            )
+            break
+    for record in epochs:
+        information = record.get("teacher_mutual_information")
+        if information is not None and information < TEACHER_INFORMATION_FLOOR:
+            entropy = record.get("teacher_entropy")
+            mode = ""
+            if entropy is not None:
+                mode = (" onto one dimension (its outputs are one-hot and alike: is centring on, and is the teacher's "
+                        "momentum high enough?)" if entropy < 0.5
+                        else " to uniform outputs (lower the teacher temperature, or add BatchNorm to the head)")
+            found.append(
+                f"the teacher's output carried {information:.4f} × log K of information about the image at epoch "
+                f"{record['epoch']}, under {TEACHER_INFORMATION_FLOOR:g}: it no longer depends on the input, the model "
+                f"collapsed{mode}."
             )
             break
     return found

@@ -14,6 +14,7 @@ _EXPORTS = {
     "BarlowTwins": "sslens.methods.barlow_twins",
     "VICReg": "sslens.methods.vicreg",
     "BYOL": "sslens.methods.byol",
+    "DINO": "sslens.methods.dino",
     "ImportedMethod": "sslens.methods.imported",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -15,7 +15,7 @@ from sslens.registry import Registry
 METHODS = Registry(
     "method",
     modules=("sslens.methods.simclr", "sslens.methods.moco", "sslens.methods.swav", "sslens.methods.barlow_twins",
-             "sslens.methods.vicreg", "sslens.methods.byol",
+             "sslens.methods.vicreg", "sslens.methods.byol", "sslens.methods.dino",
              "sslens.methods.imported"),
 )
 
