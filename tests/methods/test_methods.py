@@ -30,7 +30,7 @@ def _method(name: str, **options):
 
 def test_registered_methods_and_default_views():
     # "imported" wraps published checkpoints (sslens.published, sslens.methods.imported); it is not trainable.
-    assert METHODS.names() == ["barlow_twins", "byol", "imported", "moco", "simclr", "swav", "vicreg"]
+    assert METHODS.names() == ["barlow_twins", "byol", "dino", "imported", "moco", "simclr", "swav", "vicreg"]
     assert [_method(n).default_views for n in TRAINABLE] == ["simclr", "moco-v2", "swav", "simclr", "simclr", "byol"]
 
 

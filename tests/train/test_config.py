@@ -141,7 +141,7 @@ def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
 def test_every_packaged_config_is_valid(name):
     config = load_config(name, {})
     assert isinstance(config, TrainConfig)
-    assert dataclasses.asdict(config)["method"] in ("simclr", "moco", "swav", "barlow_twins", "vicreg", "byol")
+    assert dataclasses.asdict(config)["method"] in ("simclr", "moco", "swav", "barlow_twins", "vicreg", "byol", "dino")
 
 
 def test_configs_are_packaged():

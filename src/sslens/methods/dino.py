@@ -290,6 +290,7 @@ class DINO(SSLMethod):
     """
 
     default_views = "swav"
+    principle = "self-distillation"
 
     def __init__(
         self,
