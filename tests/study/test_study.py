@@ -485,3 +485,14 @@ def test_the_tradeoff_groups_models_by_learning_principle_in_order_of_appearance
     assert learning_principle({"method": "imported", "source_format": "moco"}) == "contrastive"
     assert learning_principle({"method": "imported", "source_format": "barlowtwins"}) == "redundancy reduction"
     assert learning_principle({"method": "imported", "source_format": "timm"}) == "unknown"
+
+
+def test_the_families_study_trains_seven_methods_of_four_principles():
+    from sslens.methods.base import learning_principle
+
+    config = load_study_config("study-families", {})
+    methods = [m.train.method for m in config.models]
+    assert methods == ["simclr", "moco", "swav", "byol", "dino", "barlow_twins", "vicreg"]
+    assert {learning_principle({"method": m}) for m in methods} == {
+        "contrastive", "clustering", "self-distillation", "redundancy reduction"}
+    assert all(m.train.epochs == 4 for m in config.models)
