@@ -6,13 +6,14 @@ views; SwAV adds its local crops), so the numbers compare the methods' models an
 data loading. Median of ``--repeats`` × ``--steps`` timed steps after ``--warmup`` steps.
 
     python benchmarks/method_throughput.py --device cpu --batch-size 128
-    python benchmarks/method_throughput.py --device cuda --backbone resnet18-cifar --batch-size 512
+    python benchmarks/method_throughput.py --device cuda --backbone resnet18-cifar --batch-size 512 --json m.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
 
@@ -24,12 +25,12 @@ from sslens.train import load_config
 from sslens.train.loop import train_step
 from sslens.train.optim import create_optimizer
 
-METHODS = ("simclr", "moco", "swav", "barlow_twins", "vicreg", "byol")
+METHODS = ("simclr", "moco", "swav", "barlow_twins", "vicreg", "byol", "dino")
 
 
 def views_for(method: str, batch: int, size: int, device: torch.device) -> list[torch.Tensor]:
     config = load_config(f"{method}-synthetic", {})
-    local = config.views_options.get("num_local", 0) if method == "swav" else 0
+    local = config.views_options.get("num_local", 0) if method in ("swav", "dino") else 0
     sizes = [size, size] + [size // 2] * local
     return [torch.randn(batch, 3, s, s, device=device) for s in sizes]
 
@@ -67,11 +68,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the results (and the device's name) to this path")
     args = parser.parse_args()
     device = torch.device(args.device)
+    rates = {}
     print("| method | images/s (median) |\n|---|---|")
     for method in METHODS:
-        print(f"| {method} | {images_per_second(method, args, device):,.0f} |", flush=True)
+        rates[method] = images_per_second(method, args, device)
+        print(f"| {method} | {rates[method]:,.0f} |", flush=True)
+    if args.json:
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        with open(args.json, "w") as f:
+            json.dump({"device": card, "torch": torch.__version__, "settings": vars(args), "images_per_second": rates},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

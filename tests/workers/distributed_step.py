@@ -29,12 +29,13 @@ METHOD_OPTIONS = {
     "barlow_twins": {"hidden_dim": 64, "out_dim": 64},
     "vicreg": {"hidden_dim": 64, "out_dim": 64},
     "byol": {"hidden_dim": 64, "out_dim": 32},
+    "dino": {"hidden_dim": 64, "bottleneck_dim": 32, "out_dim": 64, "batch_norm": True, "freeze_last_layer_steps": 0},
 }
 
 
 def global_views(name: str) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    sizes = [16, 16] + ([8, 8] if name == "swav" else [])
+    sizes = [16, 16] + ([8, 8] if name in ("swav", "dino") else [])
     return [torch.randn(GLOBAL_BATCH, 3, size, size, generator=generator) for size in sizes]
 
 
