@@ -67,7 +67,7 @@ def test_the_target_gets_no_gradient_and_follows_the_cosine_schedule_exactly():
 
 
 @pytest.mark.parametrize(("options", "error", "message"), [
-    ({"momentum": 1.5}, ValueError, "momentum must be in \\[0, 1\\]"),
+    ({"momentum": 1.5}, ValueError, "momentum must be a number in \\[0, 1\\] \\(BYOL uses"),
     ({"momentum_schedule": "linear"}, ValueError, "constant, cosine"),
     ({"use_predictor": 1}, TypeError, "use_predictor must be True or False"),
     ({"out_dim": 0}, ValueError, "out_dim"),

@@ -27,6 +27,7 @@ from sslens.methods.base import METHODS, SSLMethod, StepOutput, check_views
 from sslens.methods.losses import (
     MOMENTUM_SCHEDULES,
     byol_loss,
+    check_momentum,
     momentum_update,
     view_agreement_top1,
 )
@@ -64,12 +65,7 @@ class BYOL(SSLMethod):
     def __init__(self, backbone: Backbone, hidden_dim: int = 4096, out_dim: int = 256, momentum: float = 0.99,
                  momentum_schedule: str = "cosine", use_predictor: bool = True):
         super().__init__(backbone)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] (BYOL uses 0.99-0.996); got {momentum!r}")
-        if momentum_schedule not in MOMENTUM_SCHEDULES:
-            raise ValueError(
-                f"momentum_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}; got {momentum_schedule!r}"
-            )
+        check_momentum(momentum, momentum_schedule, "BYOL uses 0.99-0.996")
         positive_int("out_dim", out_dim)
         boolean("use_predictor", use_predictor)
         self.projector = ProjectionHead(backbone.feature_dim, hidden_dim, out_dim)

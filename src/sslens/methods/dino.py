@@ -48,8 +48,14 @@ from torch import nn
 from sslens.checks import boolean, fraction, non_negative_int, positive_int, positive_number
 from sslens.distributed import all_reduce_sum
 from sslens.methods.base import METHODS, SSLMethod, StepOutput
-from sslens.methods.losses import MOMENTUM_SCHEDULES, momentum_update, view_agreement_top1
+from sslens.methods.losses import (
+    MOMENTUM_SCHEDULES,
+    check_momentum,
+    momentum_update,
+    view_agreement_top1,
+)
 from sslens.models.base import Backbone
+from sslens.models.heads import ProjectionHead
 
 #: The teacher sees the first this many views: DINO's two global crops.
 NUM_GLOBAL = 2
@@ -182,18 +188,8 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, num_layers: int = 3,
                  batch_norm: bool = False):
         super().__init__()
-        for name, value in (("hidden_dim", hidden_dim), ("bottleneck_dim", bottleneck_dim)):
-            positive_int(name, value)
         positive_int("num_layers", num_layers, "3 is the paper's")
-        layers: list[nn.Module] = []
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
-        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
-            layers.append(nn.Linear(d_in, d_out, bias=not batch_norm))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(d_out))
-            layers.append(nn.GELU())
-        layers.append(nn.Linear(dims[-1], bottleneck_dim))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = ProjectionHead(in_dim, hidden_dim, bottleneck_dim, num_layers, batch_norm, activation="gelu")
         for module in self.mlp.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -320,12 +316,8 @@ class DINO(SSLMethod):
             positive_number(name, value, "the paper's are 0.1 for the student, 0.04 → 0.07 for the teacher")
         non_negative_int("warmup_teacher_temperature_steps", warmup_teacher_temperature_steps, "0 = no warm-up")
         non_negative_int("freeze_last_layer_steps", freeze_last_layer_steps, "0 = never frozen")
-        fraction("momentum", momentum, "the paper's is 0.996")
+        check_momentum(momentum, momentum_schedule, "the paper's is 0.996")
         fraction("center_momentum", center_momentum, "the paper's is 0.9")
-        if momentum_schedule not in MOMENTUM_SCHEDULES:
-            raise ValueError(
-                f"momentum_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}; got {momentum_schedule!r}"
-            )
         boolean("centering", centering)
         boolean("batch_norm", batch_norm)
         if not (isinstance(clip_grad, int | float) and not isinstance(clip_grad, bool) and clip_grad >= 0):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslens.checks import positive_int, positive_number
+from sslens.checks import fraction, positive_int, positive_number
 
 
 def _check_temperature(temperature: float) -> None:
@@ -391,3 +391,11 @@ MOMENTUM_SCHEDULES: dict[str, Callable[[int, int, float], float]] = {
     "constant": constant_momentum,
     "cosine": cosine_momentum,
 }
+
+
+def check_momentum(momentum: object, schedule: object, hint: str) -> float:
+    """``float(momentum)`` for an EMA coefficient in [0, 1] and a known schedule name, else a
+    ValueError; ``hint`` names the values the method's paper uses."""
+    if schedule not in MOMENTUM_SCHEDULES:
+        raise ValueError(f"momentum_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}; got {schedule!r}")
+    return fraction("momentum", momentum, hint)

@@ -26,6 +26,7 @@ from sslens.distributed import gather_no_grad, world
 from sslens.methods.base import METHODS, SSLMethod, StepOutput, check_views
 from sslens.methods.losses import (
     MOMENTUM_SCHEDULES,
+    check_momentum,
     info_nce_logits,
     momentum_update,
     positive_pair_top1,
@@ -90,12 +91,7 @@ class MoCo(SSLMethod):
         positive_number("temperature", temperature)
         positive_int("key_bn_splits", key_bn_splits)
         positive_int("out_dim", out_dim)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] (MoCo uses 0.99-0.999); got {momentum!r}")
-        if momentum_schedule not in MOMENTUM_SCHEDULES:
-            raise ValueError(
-                f"momentum_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}; got {momentum_schedule!r}"
-            )
+        check_momentum(momentum, momentum_schedule, "MoCo uses 0.99-0.999")
         boolean("symmetric", symmetric)
         # MoCo v2's head: "a 2-layer MLP head (hidden layer 2048-d, with ReLU)", no BatchNorm.
         self.projector = ProjectionHead(

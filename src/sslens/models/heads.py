@@ -14,11 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sslens.checks import positive_int
+from sslens.checks import positive_int, suggestion
+
+#: The hidden layers' non-linearity: ReLU in SimCLR, MoCo, SwAV and BYOL; GELU in DINO.
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
 
 
 class ProjectionHead(nn.Sequential):
-    """Linear-BN-ReLU-...-Linear: (B, in_dim) → (B, out_dim).
+    """Linear-BN-activation-...-Linear: (B, in_dim) → (B, out_dim).
 
     Args:
         in_dim: input (representation) dimension.
@@ -30,6 +33,7 @@ class ProjectionHead(nn.Sequential):
             MoCo v2's does not). A Linear followed by BatchNorm has no bias, as the bias would
             be removed by the normalisation.
         last_bn: BatchNorm1d after the output Linear too (SimCLR v2 / MoCo v3 style).
+        activation: the hidden layers' non-linearity, a name in :data:`ACTIVATIONS`.
     """
 
     def __init__(
@@ -40,17 +44,21 @@ class ProjectionHead(nn.Sequential):
         num_layers: int = 2,
         batch_norm: bool = True,
         last_bn: bool = False,
+        activation: str = "relu",
     ):
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
             positive_int(f"ProjectionHead {name}", value)
         positive_int("ProjectionHead num_layers", num_layers, "2 = one hidden layer")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ProjectionHead activation must be one of {', '.join(ACTIVATIONS)}; got "
+                             f"{activation!r}.{suggestion(activation, ACTIVATIONS)}")
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
             layers.append(nn.Linear(d_in, d_out, bias=not batch_norm))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(d_out))
-            layers.append(nn.ReLU(inplace=True))
+            layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(dims[-1], out_dim, bias=not last_bn))
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim))
