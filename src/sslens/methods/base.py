@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,3 +133,13 @@ def check_views(views: Sequence[torch.Tensor], count: int, method: str, recipe: 
         raise ValueError(
             f"{method} needs a batch of at least 2 images (it uses BatchNorm and negatives)"
         )
+
+
+def per_resolution(views: Sequence[torch.Tensor], forward: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``forward`` of each view, with consecutive same-size views sharing one pass (the official
+    multi-crop code's grouping: one BatchNorm batch per resolution); one (B, ...) output per view."""
+    outputs: list[torch.Tensor] = []
+    for _, group in itertools.groupby(views, key=lambda view: view.shape[-2:]):
+        group = list(group)
+        outputs.extend(forward(torch.cat(group)).chunk(len(group)))
+    return outputs

@@ -37,7 +37,6 @@ closest to its own other global crop's (as for Barlow Twins).
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -47,7 +46,7 @@ from torch import nn
 
 from sslens.checks import boolean, fraction, non_negative_int, positive_int, positive_number
 from sslens.distributed import all_reduce_sum
-from sslens.methods.base import METHODS, SSLMethod, StepOutput
+from sslens.methods.base import METHODS, SSLMethod, StepOutput, per_resolution
 from sslens.methods.losses import (
     MOMENTUM_SCHEDULES,
     check_momentum,
@@ -367,10 +366,7 @@ class DINO(SSLMethod):
                 last_layer: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(bottlenecks, logits) per view, (B, bottleneck_dim) and (B, K); consecutive same-size
         crops share a forward pass."""
-        bottlenecks: list[torch.Tensor] = []
-        for _, group in itertools.groupby(views, key=lambda v: v.shape[-2:]):
-            group = list(group)
-            bottlenecks.extend(projector(backbone(torch.cat(group))).chunk(len(group)))
+        bottlenecks = per_resolution(views, lambda x: projector(backbone(x)))
         # One pass through the (wide) last layer for every view.
         logits = last_layer(torch.cat(bottlenecks)).chunk(len(bottlenecks))
         return bottlenecks, list(logits)

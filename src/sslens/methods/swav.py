@@ -20,7 +20,6 @@ by log K (1 = every prototype used equally often, 0 = collapse onto one prototyp
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -29,7 +28,7 @@ from torch import nn
 
 from sslens.checks import non_negative_int, positive_int, positive_number
 from sslens.distributed import all_reduce_max, all_reduce_sum
-from sslens.methods.base import METHODS, SSLMethod, StepOutput
+from sslens.methods.base import METHODS, SSLMethod, StepOutput, per_resolution
 from sslens.methods.losses import sinkhorn, swav_loss
 from sslens.models.base import Backbone
 from sslens.models.heads import ProjectionHead
@@ -136,12 +135,7 @@ class SwAV(SSLMethod):
     def _project_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Unit-norm projections (B, out_dim) per view; consecutive same-size crops share a forward
         pass, as the official multi-crop code does (one BatchNorm batch per resolution)."""
-        projections: list[torch.Tensor] = []
-        for _, group in itertools.groupby(views, key=lambda v: v.shape[-2:]):
-            group = list(group)
-            z = F.normalize(self.project(torch.cat(group)), dim=1)
-            projections.extend(z.chunk(len(group)))
-        return projections
+        return [F.normalize(z, dim=1) for z in per_resolution(views, self.project)]
 
     @torch.no_grad()
     def _codes(
