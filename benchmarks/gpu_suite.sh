@@ -11,6 +11,7 @@
 #   relax   150   relax-xai vs sslens RELAX, 3000 masks, ResNet-18 at 32 px and ResNet-50 at 224 px
 #   explain 150   explainer throughput against a plain forward pass (issue 5, part 5)
 #   train   200   training throughput (a) PIL DataLoader, (b) sslens end to end, (c) model only
+#   methods 120   each method's training step (the seven methods), resnet18-cifar, batch 512
 #   cuda    145   sslens train + evaluate end to end on CUDA
 #   profile 240   where a compiled training step's time goes, per preset in PRESETS
 #   tta     420   time to kNN accuracy on CIFAR-10, per preset in PRESETS (5 min of training
@@ -23,7 +24,7 @@
 #   tar -czf "$OUT/gpu-out.tgz" -C /tmp gpu-out   (there $OUT is the tool's folder again).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
-PARTS=${PARTS:-"tests relax explain train cuda profile tta"}
+PARTS=${PARTS:-"tests relax explain train methods cuda profile tta"}
 PRESETS=${PRESETS:-"simclr-cifar10-fast moco-cifar10-fast swav-cifar10-fast"}
 CIFAR10_TAR=${CIFAR10_TAR:-../shared/data/cifar10-jpeg.tar.gz}
 mkdir -p "$OUT"
@@ -60,6 +61,12 @@ if wanted train; then
     echo "== training throughput: (a) PIL DataLoader fp32, (b) sslens end to end, (c) model only"
     timeout 200 python3 benchmarks/train_throughput.py --backbone resnet18-cifar --batch-size 512 --steps 50 \
         --repeats 3 --compile --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.txt"
+fi
+
+if wanted methods; then
+    echo "== images/s of each method's training step (bf16, fixed device tensors: the models and losses only)"
+    timeout 120 python3 benchmarks/method_throughput.py --device cuda --backbone resnet18-cifar --batch-size 512 \
+        --steps 10 --warmup 3 --json "$OUT/method_throughput.json" 2>&1 | tee "$OUT/method_throughput.txt"
 fi
 
 if wanted cuda; then

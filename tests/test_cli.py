@@ -120,20 +120,28 @@ def test_explain_perceptual_components_tolerate_spaces_and_depth_model_is_checke
     assert "--depth-model does not apply to the relax explainer" in capsys.readouterr().err
 
 
-def test_groundtruth_trains_only_its_own_models_and_prints_a_verdict_per_test(tmp_path, capsys):
+def test_groundtruth_trains_only_its_own_models_per_method_and_prints_a_verdict_per_test(tmp_path, capsys):
     out = tmp_path / "gt"
     status = call(
         "groundtruth", "--out", str(out), "--no-progress", "--set", "settings.groundtruth.epochs=1",
         "--set", "settings.groundtruth.num_images=64", "--set", "samples.groundtruth=8",
         "--set", "settings.groundtruth.tests=[planted_cue, grayscale_floor]",
+        # Contrastive, self-distillation, contrastive: the two contrastive methods' rows come first.
+        "--set", "settings.groundtruth.methods={simclr: {}, byol: {hidden_dim: 64, out_dim: 32}, moco: {queue_size: 64}}",
     )
     assert status in (0, None)
-    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("planted", "grayscale"))]
-    assert [line[:2] for line in lines] == [["planted_cue", "relax"], ["planted_cue", "gradcam"],
-                                            ["grayscale_floor", "color"]]
-    assert all(line[2] in ("passes", "fails", "inconclusive") for line in lines)
-    assert lines[-1][2] == "passes"  # the floor holds whatever the training
-    assert sorted(p.name for p in (out / "groundtruth").iterdir()) == ["cue", "cue-control", "no-augmentation"]
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()
+             if line.startswith(("simclr", "byol", "moco"))]
+    per_method = [["planted_cue", "relax"], ["planted_cue", "gradcam"], ["grayscale_floor", "color"]]
+    assert [line[:3] for line in lines] == [[method, *row] for method in ("simclr", "moco", "byol") for row in per_method]
+    assert all(line[3] in ("passes", "fails", "inconclusive") for line in lines)
+    assert [line[3] for line in lines if line[1] == "grayscale_floor"] == ["passes"] * 3  # whatever the training
+    for method in ("simclr", "byol", "moco"):
+        assert sorted(p.name for p in (out / "groundtruth" / method).iterdir()) == ["cue", "cue-control", "no-augmentation"]
+        meta = json.loads((out / "groundtruth" / method / "cue" / "model" / "meta.json").read_text())
+        assert (meta["method"], meta["views"]["name"]) == (method, "simclr")  # only the loss differs
     assert not (out / "models").exists()
+    results = json.loads((out / "results.json").read_text())["experiments"]["groundtruth"]["study"]
+    assert [row["principle"] for row in results["tests"]] == ["contrastive"] * 6 + ["self-distillation"] * 3
     assert call("groundtruth", "--out", str(out), "--set", "settings.groundtruth.tests=[cue]") == 2
     assert "unknown test 'cue'" in capsys.readouterr().err

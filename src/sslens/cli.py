@@ -329,7 +329,7 @@ def groundtruth_command(
         rows = json.loads(outcome.results.read_text())["experiments"]["groundtruth"]["study"]["tests"]
         for row in rows:
             what = row.get("explainer") or row.get("component")
-            typer.echo(f"{row['test']:<16} {what:<10} {row['verdict']}")
+            typer.echo(f"{row['method']:<13} {row['test']:<16} {what:<10} {row['verdict']}")
         typer.echo(f"Report: {outcome.report} (numbers in {outcome.results}; {outcome.seconds:.0f} s)")
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sslens.errors import UserError
+from sslens.explain.perceptual import Amounts
 from sslens.models.base import create_backbone
 from sslens.study.config import load_study_config
 from sslens.study.explainers import build_explainer
@@ -65,8 +66,10 @@ def test_an_encoder_that_sees_only_grayscale_has_no_colour_effect():
     class Data:
         mean, std = MEAN, STD
 
-    assert np.abs(_direct_drop(GrayscaleFirst(encoder, MEAN, STD), images, Data, "color")).max() <= FLOOR_TOLERANCE
-    assert _direct_drop(encoder, images, Data, "color").mean() > 100 * FLOOR_TOLERANCE
+    amounts = Amounts()
+    assert np.abs(_direct_drop(GrayscaleFirst(encoder, MEAN, STD), images, Data, "color", amounts)).max() \
+        <= FLOOR_TOLERANCE
+    assert _direct_drop(encoder, images, Data, "color", amounts).mean() > 100 * FLOOR_TOLERANCE
 
 
 def test_bad_ground_truth_settings_are_refused_when_the_config_is_read():
@@ -74,6 +77,14 @@ def test_bad_ground_truth_settings_are_refused_when_the_config_is_read():
         load_study_config("study-demo", {"settings.groundtruth.tests": ["planted-cue"]})
     with pytest.raises(UserError, match="explainers is empty"):
         load_study_config("study-demo", {"settings.groundtruth.explainers": []})
+    with pytest.raises(UserError, match="unknown method 'byl'.*Did you mean 'byol'"):
+        load_study_config("study-demo", {"settings.groundtruth.methods": {"byl": {}}})
+    with pytest.raises(UserError, match="methods.byol: Unknown option 'temperature' in method_options"):
+        load_study_config("study-demo", {"settings.groundtruth.methods": {"byol": {"temperature": 0.2}}})
+    with pytest.raises(UserError, match="methods is empty"):
+        load_study_config("study-demo", {"settings.groundtruth.methods": {}})
+    with pytest.raises(UserError, match="Unknown key 'method' under settings.groundtruth.*'methods'"):
+        load_study_config("study-demo", {"settings.groundtruth.method": "byol"})
 
 
 def _ground_truth(tmp_path, name: str, **settings) -> list[dict]:

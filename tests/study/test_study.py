@@ -105,10 +105,14 @@ def test_model_entries_are_checked():
         load_study_config(None, tiny(models=[{"name": "x", "method": "simclr"}] * 2))
 
 
-@pytest.mark.parametrize("name", ["study-demo", "study-cifar10"])
-def test_packaged_studies_are_valid(name):
+FAMILIES = ["simclr", "moco", "swav", "byol", "dino", "barlow_twins", "vicreg"]
+
+
+@pytest.mark.parametrize(("name", "methods"), [("study-demo", FAMILIES[:3]), ("study-cifar10", FAMILIES[:3]),
+                                               ("study-families", FAMILIES), ("study-families-cifar10", FAMILIES)])
+def test_packaged_studies_are_valid(name, methods):
     config = load_study_config(name, {"dataset.data_dir": "/data"} if "cifar" in name else {})
-    assert [m.train.method for m in config.models] == ["simclr", "moco", "swav"]
+    assert [m.train.method for m in config.models] == methods
     assert config.experiments == list(DEFAULT_EXPERIMENTS)
 
 
@@ -496,3 +500,6 @@ def test_the_families_study_trains_seven_methods_of_four_principles():
     assert {learning_principle({"method": m}) for m in methods} == {
         "contrastive", "clustering", "self-distillation", "redundancy reduction"}
     assert all(m.train.epochs == 4 for m in config.models)
+    # Its ground-truth tests train one method of each principle.
+    grounded = [learning_principle({"method": m}) for m in config.settings["groundtruth"]["methods"]]
+    assert sorted(grounded) == sorted({learning_principle({"method": m}) for m in methods})

@@ -146,4 +146,5 @@ def test_every_packaged_config_is_valid(name):
 
 def test_configs_are_packaged():
     assert {"simclr-synthetic", "moco-synthetic", "swav-synthetic", "barlow_twins-synthetic", "vicreg-synthetic",
-            "byol-synthetic", "moco-cifar10"} <= set(packaged_configs())
+            "byol-synthetic", "dino-synthetic", "moco-cifar10", "byol-cifar10", "dino-cifar10", "barlow_twins-cifar10",
+            "vicreg-cifar10"} <= set(packaged_configs())

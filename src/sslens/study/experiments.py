@@ -534,12 +534,14 @@ def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples:
 @register_experiment(
     "groundtruth",
     title="Ground truth: explainers against answers known in advance",
-    reading_aid="Small models trained so that the answer is known: one reads a planted marker, one ignores colour, one ignores high frequencies, one sees only grayscale. Each row says what a working explainer must show, what it showed (95% intervals over test images) and the verdict: passes, fails or inconclusive (the interval straddles the threshold).",
+    reading_aid="Small models trained so that the answer is known: one reads a planted marker, one ignores colour, one ignores high frequencies, one sees only grayscale; trained with each listed method, grouped by learning principle. Each row says what a working explainer must show, what it showed (95% intervals over test images) and the verdict: passes, fails or inconclusive (the interval straddles the threshold).",
     section=sections.groundtruth,
     defaults={
-        "tests": list(groundtruth.TESTS), "explainers": ["relax", "gradcam"], "method": "simclr",
+        "tests": list(groundtruth.TESTS), "explainers": ["relax", "gradcam"],
+        # Training method → its options; one per learning principle compares the principles.
+        "methods": {"simclr": {"temperature": 0.2}},
         "backbone": "resnet-tiny", "image_size": 32, "num_images": 256, "epochs": 30, "batch_size": 64,
-        "lr": 2.0e-3, "method_options": {"temperature": 0.2},
+        "lr": 2.0e-3,
     },
     samples=256,
     min_samples=8,

@@ -24,16 +24,21 @@ fix what they must (or must not) depend on, and each explainer is asked whether 
 * **Grayscale floor.** An encoder that converts its input to grayscale first is blind to colour
   by construction: its colour effect must be zero up to float rounding.
 
+Every test runs once per listed training method (``settings.groundtruth.methods``, a method's
+name and its options): one method per learning principle asks whether the principle changes what
+the explainers can see. All methods train on the same ``simclr`` view recipe with the test's
+options, so the models of one test differ only in their loss. Rows carry their method and its
+principle, grouped by principle in the order they first appear.
+
 Verdicts come from intervals (bootstrap over test images, paired where two models see the
 same images): *passes* when the whole interval clears the threshold, *fails* when it lies wholly
 on the wrong side, *inconclusive* when it straddles it. The models train through the one
-training loop into ``OUT/groundtruth/<name>/`` and are reused like the study's own.
+training loop into ``OUT/groundtruth/<method>/<name>/`` and are reused like the study's own.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,11 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslens.checks import suggestion
-from sslens.data.base import load_split, normalize, to_float
+from sslens.data.base import denormalize, load_split, normalize, to_float
 from sslens.data.pixels import grayscale
 from sslens.errors import UserError
+from sslens.explain.base import Explainer
 from sslens.explain.metrics.localization import relevance_mass
 from sslens.explain.perceptual import COMPONENTS, Amounts
+from sslens.methods.base import METHODS
 from sslens.stats import bootstrap_mean, paired_difference, paired_ratio
 from sslens.study.cache import StageResult
 from sslens.study.explainers import build_explainer, takes_reference
@@ -114,6 +121,21 @@ def check_settings(settings: dict) -> None:
         if test not in TESTS:
             raise UserError(f"settings.groundtruth.tests: unknown test {test!r}.{suggestion(str(test), TESTS)} "
                             f"Valid tests: {', '.join(TESTS)}.")
+    methods = settings["methods"]
+    if not methods:
+        raise UserError("settings.groundtruth.methods is empty: name at least one training method and its options, "
+                        "e.g. {simclr: {temperature: 0.2}}.")
+    for method, options in methods.items():
+        if method not in METHODS:
+            raise UserError(f"settings.groundtruth.methods: unknown method {method!r}."
+                            f"{suggestion(str(method), METHODS.names())} Valid methods: {', '.join(METHODS.names())}.")
+        if not isinstance(options, dict):
+            raise UserError(f"settings.groundtruth.methods.{method} must be a mapping of the method's options "
+                            f"({{}} for its defaults); got {options!r}.")
+        try:  # the training configs check their own options; say where the bad one was written
+            model_specs(settings, method, seed=0, device="cpu")
+        except UserError as error:
+            raise UserError(f"settings.groundtruth.methods.{method}: {error}") from None
     if "planted_cue" in settings["tests"] and not settings["explainers"]:
         raise UserError("settings.groundtruth.explainers is empty: the planted-cue test needs an explainer to check "
                         "(e.g. [relax, gradcam]).")
@@ -135,16 +157,18 @@ def both(first: str, second: str) -> str:
     return "passes" if first == second == "passes" else "inconclusive"
 
 
-def model_specs(settings: dict, seed: int, device: str) -> dict[str, ModelSpec]:
-    """The training runs the listed tests need, all with the same recipe but data and views."""
+def model_specs(settings: dict, method: str, seed: int, device: str) -> dict[str, ModelSpec]:
+    """The training runs of ``method`` the listed tests need, all with the same recipe but data
+    and views (the ``simclr`` view recipe for every method, so that only the loss differs)."""
     needed = [name for name, (_, _, tests) in MODELS.items() if set(tests) & set(settings["tests"])]
     specs = {}
     for name in needed:
         data_options, views, _ = MODELS[name]
         train = TrainConfig(
-            method=settings["method"], backbone=settings["backbone"], data="synthetic",
+            method=method, backbone=settings["backbone"], data="synthetic",
             data_options={**data_options, "num_images": settings["num_images"]},
-            image_size=settings["image_size"], views_options=views, method_options=settings["method_options"],
+            image_size=settings["image_size"], views="simclr", views_options=views,
+            method_options=settings["methods"][method],
             epochs=settings["epochs"], batch_size=settings["batch_size"], optimizer="adam", lr=settings["lr"],
             weight_decay=1e-6, warmup_epochs=1, seed=seed, device=device, knn_every=settings["epochs"],
             checkpoint_every=settings["epochs"], progress=False,
@@ -160,12 +184,11 @@ class GrayscaleFirst(nn.Module):
     def __init__(self, encoder: nn.Module, mean, std):
         super().__init__()
         self.encoder = encoder
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images * self.std + self.mean
-        return self.encoder((grayscale(pixels) - self.mean) / self.std)
+        pixels = denormalize(images, self.mean, self.std)
+        return self.encoder(normalize(grayscale(pixels), self.mean, self.std))
 
 
 def _test_images(name: str, settings: dict, count: int, device: torch.device):
@@ -175,7 +198,7 @@ def _test_images(name: str, settings: dict, count: int, device: torch.device):
     return data, normalize(to_float(data.images.to(device)), data.mean, data.std)
 
 
-def mirrored(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def mirrored(images: torch.Tensor) -> torch.Tensor:
     """The CAMs' reference in the planted-cue test: each image mirrored left to right.
 
     The marker stays whole, in frame and in its colours, and the cue models were trained to be
@@ -187,15 +210,14 @@ def mirrored(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return images.flip(-1)
 
 
-def _maps(ctx, name: str, encoder: nn.Module, images: torch.Tensor, data, augment: Any) -> torch.Tensor:
-    """(B, H, W) raw maps of explainer ``name`` (the study's options and seed) for ``encoder``."""
-    options = ctx.config.explainers.get(name, {})
-    stats = {"seed": ctx.seed, "mean": data.mean, "std": data.std}
-    explainer = build_explainer(name, encoder, options, **stats)
+def _maps(ctx, name: str, encoder: nn.Module, images: torch.Tensor, data) -> torch.Tensor:
+    """(B, H, W) raw maps of explainer ``name`` (the study's options and seed) for ``encoder``;
+    an explainer that compares with a reference compares each image with its :func:`mirrored`."""
+    explainer = build_explainer(name, encoder, ctx.config.explainers.get(name, {}), seed=ctx.seed, mean=data.mean,
+                                std=data.std)
     if not takes_reference(explainer):
         return explain_rows(explainer, images).importance.cpu()
-    explainer = build_explainer(name, encoder, options, **stats, fixed={"augment": augment})
-    return explain_rows(explainer, images, reference=explainer.augmented_views(images)).importance.cpu()
+    return explain_rows(explainer, images, reference=mirrored(images)).importance.cpu()
 
 
 def _random_share(masks: torch.Tensor, seed: int) -> np.ndarray:
@@ -205,8 +227,8 @@ def _random_share(masks: torch.Tensor, seed: int) -> np.ndarray:
     return torch.stack(shares).mean(0).numpy()
 
 
-def planted_cue(ctx, models: dict, settings: dict, count: int) -> tuple[list[dict], dict]:
-    """One row per explainer: marker share of the cue model, the control and a random map."""
+def planted_cue(ctx, models: dict, settings: dict, count: int, method: str) -> tuple[list[dict], dict]:
+    """One row per explainer: marker share of ``method``'s cue model, its control and a random map."""
     data, images = _test_images("cue", settings, count, ctx.device)
     masks = data.extras["cue_mask"]
     random = _random_share(masks, ctx.seed)
@@ -216,20 +238,21 @@ def planted_cue(ctx, models: dict, settings: dict, count: int) -> tuple[list[dic
     for name in settings["explainers"]:
         shares = {}
         for model in ("cue", "cue-control"):
-            maps = _maps(ctx, name, models[model].encoder("pooled", data), images, data, mirrored)
+            maps = _maps(ctx, name, models[model].encoder("pooled", data), images, data)
             shares[model] = relevance_mass(maps, masks.cpu()).numpy()
-            arrays[item_key(name, model, "share")] = shares[model]
-            arrays[f"maps__{name}__{model}"] = maps[:3].numpy()
-        ratio = paired_ratio(shares["cue"], shares["cue-control"], unit="images", seed=seed_for(ctx.seed, f"cue ratio {name}"))
-        to_random = paired_ratio(shares["cue"], random, unit="images", seed=seed_for(ctx.seed, f"cue random ratio {name}"))
-        share = bootstrap_mean(shares["cue"], unit="images", seed=seed_for(ctx.seed, f"cue share {name}"))
+            arrays[item_key(method, name, model, "share")] = shares[model]
+            arrays[f"maps__{method}__{name}__{model}"] = maps[:3].numpy()
+        purpose = f"{method} {name}"
+        ratio = paired_ratio(shares["cue"], shares["cue-control"], unit="images", seed=seed_for(ctx.seed, f"cue ratio {purpose}"))
+        to_random = paired_ratio(shares["cue"], random, unit="images", seed=seed_for(ctx.seed, f"cue random ratio {purpose}"))
+        share = bootstrap_mean(shares["cue"], unit="images", seed=seed_for(ctx.seed, f"cue share {purpose}"))
         result = both(verdict(ratio.ci_low, ratio.ci_high, CUE_RATIO),
                       verdict(to_random.ci_low, to_random.ci_high, CUE_RATIO))
         rows.append({
             "test": "planted_cue", "explainer": name, "measure": "share of offset-free importance on the marker",
             "value": share.to_dict(),
             "control": bootstrap_mean(shares["cue-control"], unit="images",
-                                      seed=seed_for(ctx.seed, f"control share {name}")).to_dict(),
+                                      seed=seed_for(ctx.seed, f"control share {purpose}")).to_dict(),
             "random_map": random_estimate.to_dict(),
             "ratio": ratio.to_dict(), "ratio_to_random": to_random.to_dict(), "threshold": CUE_RATIO,
             "verdict": result,
@@ -237,24 +260,26 @@ def planted_cue(ctx, models: dict, settings: dict, count: int) -> tuple[list[dic
     return rows, arrays
 
 
-def _effects(ctx, encoder: nn.Module, images: torch.Tensor, data, components: list[str]) -> dict[str, np.ndarray]:
-    """Per image, each component's effect 1 − E[s] from the perceptual explainer (study options)."""
-    explainer = build_explainer("perceptual", encoder, ctx.config.explainers.get("perceptual", {}), seed=ctx.seed,
-                                mean=data.mean, std=data.std, fixed={"components": components})
+def _perceptual(ctx, encoder: nn.Module, data, components: list[str]) -> Explainer:
+    """The perceptual explainer of ``components`` with the study's options and seed."""
+    return build_explainer("perceptual", encoder, ctx.config.explainers.get("perceptual", {}), seed=ctx.seed,
+                           mean=data.mean, std=data.std, fixed={"components": components})
+
+
+def _effects(explainer: Explainer, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per image, each of the perceptual ``explainer``'s components' effect 1 − E[s]."""
     explanation = explain_rows(explainer, images, per_image_info=("mean_similarity",))
-    return {c: 1 - np.asarray(explanation.info["mean_similarity"][c], dtype=np.float64) for c in components}
+    return {c: 1 - np.asarray(explanation.info["mean_similarity"][c], dtype=np.float64) for c in explainer.components}
 
 
 @torch.no_grad()
-def _direct_drop(encoder: nn.Module, images: torch.Tensor, data, component: str) -> np.ndarray:
+def _direct_drop(encoder: nn.Module, images: torch.Tensor, data, component: str, amounts: Amounts) -> np.ndarray:
     """Per image, 1 − cos(f(x), f(x without ``component`` everywhere)): the component's removal
-    from the whole image, which needs no explainer."""
-    mean, std = torch.tensor(data.mean, device=images.device).view(1, 3, 1, 1), torch.tensor(
-        data.std, device=images.device).view(1, 3, 1, 1)
-    pixels = images * std + mean
-    absent = COMPONENTS[component].build(pixels, None, Amounts()).absent
+    from the whole image (with the explainer's ``amounts``), which needs no explainer."""
+    pixels = denormalize(images, data.mean, data.std)
+    absent = COMPONENTS[component].build(pixels, None, amounts).absent
     embed = lambda x: F.normalize(encoder(x).flatten(1).double(), dim=1)  # noqa: E731
-    return (1 - (embed(images) * embed((absent - mean) / std)).sum(1)).cpu().numpy()
+    return (1 - (embed(images) * embed(normalize(absent, data.mean, data.std))).sum(1)).cpu().numpy()
 
 
 #: Per policy test: the augmented model and, per component, whether the augmentation should make
@@ -271,21 +296,22 @@ COMPONENT_EXPECTED = {
 }
 
 
-def policy_contrast(ctx, models: dict, settings: dict, count: int, test: str) -> tuple[list[dict], dict]:
-    """Each listed component's effect for the augmented model against the unaugmented one; the
-    difference is oriented so that the expected answer is > 0."""
+def policy_contrast(ctx, models: dict, settings: dict, count: int, method: str, test: str) -> tuple[list[dict], dict]:
+    """Each listed component's effect for ``method``'s augmented model against its unaugmented
+    one; the difference is oriented so that the expected answer is > 0."""
     strong, expected = POLICY_COMPONENTS[test]
     components = list(expected)
     data, images = _test_images("no-augmentation", settings, count, ctx.device)
     effects, direct = {}, {}
     for model in ("no-augmentation", strong):
         encoder = models[model].encoder("pooled", data)
-        effects[model] = _effects(ctx, encoder, images, data, components)
-        direct[model] = {c: _direct_drop(encoder, images, data, c) for c in components}
+        explainer = _perceptual(ctx, encoder, data, components)
+        effects[model] = _effects(explainer, images)
+        direct[model] = {c: _direct_drop(encoder, images, data, c, explainer.amounts) for c in components}
     rows, arrays = [], {"policy_images": data.images.cpu().numpy()}
     for component, direction in expected.items():
         first, second = ("no-augmentation", strong) if direction == "smaller" else (strong, "no-augmentation")
-        seed = seed_for(ctx.seed, f"{test} {component} contrast")
+        seed = seed_for(ctx.seed, f"{method} {test} {component} contrast")
         difference = paired_difference(effects[first][component], effects[second][component], unit="images", seed=seed)
         direct_difference = paired_difference(direct[first][component], direct[second][component], unit="images",
                                               seed=seed + 1)
@@ -299,52 +325,56 @@ def policy_contrast(ctx, models: dict, settings: dict, count: int, test: str) ->
             "threshold": 0.0, "verdict": verdict(difference.ci_low, difference.ci_high, 0.0),
             "direct_verdict": verdict(direct_difference.ci_low, direct_difference.ci_high, 0.0),
         })
-        arrays.update({item_key(test, model, component, "effect"): values[component] for model, values in effects.items()})
+        arrays.update({item_key(method, test, model, component, "effect"): values[component]
+                       for model, values in effects.items()})
     return rows, arrays
 
 
-def grayscale_floor(ctx, models: dict, settings: dict, count: int) -> tuple[list[dict], dict]:
-    """The colour effect of the unaugmented model behind a grayscale conversion."""
+def grayscale_floor(ctx, models: dict, settings: dict, count: int, method: str) -> tuple[list[dict], dict]:
+    """The colour effect of ``method``'s unaugmented model behind a grayscale conversion."""
     data, images = _test_images("no-augmentation", settings, count, ctx.device)
     encoder = GrayscaleFirst(models["no-augmentation"].encoder("pooled", data), data.mean, data.std).to(ctx.device)
-    effect = _effects(ctx, encoder, images, data, ["color"])["color"]
+    effect = _effects(_perceptual(ctx, encoder, data, ["color"]), images)["color"]
     largest = float(np.abs(effect).max())
     row = {
         "test": "grayscale_floor", "component": "color", "measure": "effect 1 − E[s]",
-        "value": bootstrap_mean(effect, unit="images", seed=seed_for(ctx.seed, "grayscale floor")).to_dict(),
+        "value": bootstrap_mean(effect, unit="images", seed=seed_for(ctx.seed, f"{method} grayscale floor")).to_dict(),
         "largest_abs_effect": largest, "threshold": FLOOR_TOLERANCE,
         "verdict": "passes" if largest <= FLOOR_TOLERANCE else "fails",
     }
-    return [row], {item_key("grayscale_floor", "effect"): effect, "policy_images": data.images.cpu().numpy()}
+    return [row], {item_key(method, "grayscale_floor", "effect"): effect, "policy_images": data.images.cpu().numpy()}
 
 
 def run_groundtruth(ctx, settings: dict, samples: int) -> StageResult:
-    """Train (or reuse) the models the listed tests need, then run each test on ``samples``
-    fresh test images of its world."""
-    specs = model_specs(settings, ctx.seed, ctx.config.device)
+    """Train (or reuse) the models the listed tests need, for each listed method, then run each
+    test on ``samples`` fresh test images of its world (the same images for every method)."""
     root = Path(ctx.out) / "groundtruth"
-    models = {
-        name: prepare_model(spec, root, ctx.device, train_fn=ctx.train_fn, say=ctx.say)
-        for name, spec in specs.items()
-    }
-    rows, arrays = [], {}
-    for test in settings["tests"]:
-        if test == "planted_cue":
-            found = planted_cue(ctx, models, settings, samples)
-        elif test == "grayscale_floor":
-            found = grayscale_floor(ctx, models, settings, samples)
-        else:
-            found = policy_contrast(ctx, models, settings, samples, test)
-        for row in found[0]:
-            row.setdefault("expected", EXPECTED[test][0])
-            row["failing_means"] = EXPECTED[test][1]
-        rows += found[0]
-        arrays.update(found[1])
-    results = {
-        "tests": rows,
-        "num_images": samples,
-        "models": {name: {**model.describe(Path(ctx.out)), "data_options": specs[name].train.data_options,
-                          "views_options": specs[name].train.views_options}
-                   for name, model in models.items()},
-    }
-    return StageResult(results, arrays)
+    rows, arrays, described = [], {}, {}
+    for method in settings["methods"]:
+        specs = model_specs(settings, method, ctx.seed, ctx.config.device)
+        models = {
+            name: prepare_model(spec, root / method, ctx.device, train_fn=ctx.train_fn, say=ctx.say)
+            for name, spec in specs.items()
+        }
+        principle = next(iter(models.values())).principle
+        for test in settings["tests"]:
+            if test == "planted_cue":
+                found = planted_cue(ctx, models, settings, samples, method)
+            elif test == "grayscale_floor":
+                found = grayscale_floor(ctx, models, settings, samples, method)
+            else:
+                found = policy_contrast(ctx, models, settings, samples, method, test)
+            for row in found[0]:
+                row.setdefault("expected", EXPECTED[test][0])
+                row.update(method=method, principle=principle, failing_means=EXPECTED[test][1])
+            rows += found[0]
+            arrays.update(found[1])
+        described.update({
+            f"{method}/{name}": {**model.describe(Path(ctx.out)), "data_options": specs[name].train.data_options,
+                                 "views_options": specs[name].train.views_options}
+            for name, model in models.items()
+        })
+    # One learning principle's rows together, the principles in the order they first appear.
+    order = list(dict.fromkeys(row["principle"] for row in rows))
+    rows.sort(key=lambda row: order.index(row["principle"]))
+    return StageResult({"tests": rows, "num_images": samples, "models": described}, arrays)

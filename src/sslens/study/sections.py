@@ -623,23 +623,25 @@ def _ground_truth_row(row: dict) -> list:
         against = [row["control"], "–"]
         contrast = f"{row['difference_of']}: {format_estimate(row['difference'])}"
         direct = f"{format_estimate(row['direct_difference'])} ({row['direct_verdict']})"
-    return [row["test"].replace("_", " "), what, row["value"], *against, contrast, direct, row["verdict"]]
+    return [row["principle"], row["method"], row["test"].replace("_", " "), what, row["value"], *against, contrast,
+            direct, row["verdict"]]
 
 
 def _ground_truth_drill(result, row: dict) -> Drill | None:
     """The images behind a ground-truth row and each one's value of the row's measure."""
     if row["test"] == "planted_cue":
-        images, key = "cue_images", item_key(row["explainer"], "cue", "share")
+        images, key = "cue_images", item_key(row["method"], row["explainer"], "cue", "share")
     elif row["test"] == "grayscale_floor":
-        images, key = "policy_images", item_key("grayscale_floor", "effect")
+        images, key = "policy_images", item_key(row["method"], "grayscale_floor", "effect")
     else:
-        images, key = "policy_images", item_key(row["test"], row["augmented_model"], row["component"], "effect")
+        images, key = "policy_images", item_key(row["method"], row["test"], row["augmented_model"], row["component"],
+                                                "effect")
     if images not in result.arrays or key not in result.arrays:
         return None
     thumbnails = {f"{row['test']}-{i}": picture for i, picture in enumerate(result.arrays[images])}
     what = explainer_label(row["explainer"]) if "explainer" in row else f"{row['component']} component"
-    return _drill(f"{row['test'].replace('_', ' ')} · {what}: {row['measure']} per image", row["measure"],
-                  result.arrays[key], thumbnails)
+    return _drill(f"{row['method']} · {row['test'].replace('_', ' ')} · {what}: {row['measure']} per image",
+                  row["measure"], result.arrays[key], thumbnails)
 
 
 def groundtruth(ctx, outputs: dict, settings: dict) -> SectionContent:
@@ -650,16 +652,18 @@ def groundtruth(ctx, outputs: dict, settings: dict) -> SectionContent:
         first = next(row for row in rows if row["test"] == test)
         notes.append(f"{test.replace('_', ' ')}: expected: {first['expected']}; failing means: {first['failing_means']}.")
     figures = []
-    cue = [row["explainer"] for row in rows if row["test"] == "planted_cue"]
-    if cue:
+    for method in dict.fromkeys(row["method"] for row in rows):
+        cue = [row["explainer"] for row in rows if row["test"] == "planted_cue" and row["method"] == method]
+        if not cue:
+            continue
         images = result.arrays["cue_images"][:3]
         grid = [(f"image {i + 1}", [("input", images[i], None)] + [
-            (f"{explainer_label(name)} · {model}", images[i], result.arrays[f"maps__{name}__{model}"][i])
+            (f"{explainer_label(name)} · {model}", images[i], result.arrays[f"maps__{method}__{name}__{model}"][i])
             for name in cue for model in ("cue", "cue-control")]) for i in range(len(images))]
-        figures.append(("planted-cue", "Marked test images and each explainer's raw map for the cue model and "
-                        "the control (the marker is the black-and-white square).", heatmap_grid(grid)))
+        figures.append((f"planted-cue-{method}", f"{method}: marked test images and each explainer's raw map for the "
+                        "cue model and the control (the marker is the black-and-white square).", heatmap_grid(grid)))
     table = Table(
-        ["test", "explainer or component", "measured", "control model", "random map", "contrast",
+        ["learning principle", "training method", "test", "explainer or component", "measured", "control model", "random map", "contrast",
          "direct contrast (no explainer)", "verdict"],
         [_ground_truth_row(row) for row in rows], drill=[_ground_truth_drill(result, row) for row in rows], caption=
         f"{result.results['num_images']} test images per test, 95% bootstrap intervals over images (paired where "
