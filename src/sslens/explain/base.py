@@ -28,7 +28,12 @@ from sslens.errors import UserError
 from sslens.registry import Registry
 
 EXPLAINERS = Registry(
-    "explainer", modules=("sslens.explain.relax", "sslens.explain.gradcam", "sslens.explain.perceptual")
+    "explainer",
+    modules=(
+        "sslens.explain.relax", "sslens.explain.gradcam", "sslens.explain.perceptual",
+        "sslens.explain.attention", "sslens.explain.correspondence",
+        "sslens.explain.labelfree", "sslens.explain.cocoa",
+    ),
 )
 
 
