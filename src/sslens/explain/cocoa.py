@@ -168,6 +168,13 @@ class CocoaGradients(TargetAttribution):
         self.corpus = check_image_set("corpus", corpus)
         self.foil = check_image_set("foil", foil)
 
+    def explain(
+        self, images: torch.Tensor, corpus: torch.Tensor | None = None, foil: torch.Tensor | None = None
+    ) -> Explanation:
+        # Spelled out (not **options) so that callers see from the signature that a call takes
+        # a corpus and a foil, as they do for CocoaMasking.
+        return super().explain(images, corpus=corpus, foil=foil)
+
     def target(
         self,
         images: torch.Tensor,

@@ -209,10 +209,14 @@ def heatmap_grid(
     """Images with overlaid maps: ``rows = [(row_title, [(col_title, image uint8 (H, W, 3), map (H, W) or None)])]``.
 
     Each map is drawn with its own colour scale and colour bar (raw values, not rescaled), over
-    its image at transparency ``alpha``; a cell with ``None`` shows the image alone.
+    its image at transparency ``alpha``; a cell with ``None`` shows the image alone. A cell may
+    add a fourth element, boxes ``[(top, left, bottom, right) in px]``: box k is outlined in
+    colour k of matplotlib's cycle, so boxes with the same index in two cells (a region of one
+    image and where the other image matches it) share their colour.
     """
     if not rows or not all(cells for _, cells in rows):
         raise ValueError("heatmap_grid needs at least one row, and every row needs at least one cell")
+    from matplotlib.patches import Rectangle
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     columns = max(len(cells) for _, cells in rows)
@@ -226,7 +230,7 @@ def heatmap_grid(
             if index >= len(cells):
                 ax.axis("off")
                 continue
-            column_title, image, heat = cells[index]
+            column_title, image, heat, *boxes = cells[index]
             image = _array(image, "image", 3)
             if image.dtype != np.uint8 or image.shape[-1] != 3:
                 raise ValueError(f"images must be uint8 (H, W, 3); got {image.dtype} {image.shape}")
@@ -241,6 +245,10 @@ def heatmap_grid(
                     raise ValueError(f"map shape {heat.shape} must match image shape {image.shape[:2]}")
                 shown = ax.imshow(heat, cmap=cmap, alpha=alpha)
                 figure.colorbar(shown, cax=colorbar_axes)
+            for k, (top, left, bottom, right) in enumerate(boxes[0] if boxes else ()):
+                # Pixel centres sit on integers in imshow, so a cell's edges are half a pixel out.
+                ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                                       edgecolor=f"C{k % 10}", linewidth=1.5))
             ax.set_title(column_title, fontsize=9)
             if index == 0:
                 ax.set_ylabel(row_title, fontsize=9)

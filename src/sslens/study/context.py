@@ -16,7 +16,7 @@ from torch import nn
 from sslens.data.base import data_fingerprint, normalize, to_float
 from sslens.explain.base import Explanation
 from sslens.explain.display import to_display_image
-from sslens.study.explainers import ExplainFn, explain_fn, explanation_fn
+from sslens.study.explainers import CocoaSets, ExplainFn, explain_fn, explanation_fn
 from sslens.study.spec import StudyConfig
 
 
@@ -86,29 +86,43 @@ class StudyContext:
             order = order[self.test_data.masks.flatten(1).any(1).cpu()[order]]
         return order[:count]
 
-    def images(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised float images of the test split, on the device."""
-        pixels = self.test_data.images[indices.to(self.test_data.images.device)
-                                       if torch.is_tensor(self.test_data.images) else indices]
+    def images(self, indices: torch.Tensor, split: str = "test") -> torch.Tensor:
+        """(B, 3, H, W) normalised float images of the test (or ``"train"``) split, on the device."""
+        data = self.test_data if split == "test" else self.train_data
+        pixels = data.images[indices.to(data.images.device) if torch.is_tensor(data.images) else indices]
         return normalize(to_float(pixels.to(self.device)), self.mean, self.std)
+
+    @functools.cached_property
+    def cocoa(self) -> CocoaSets:
+        """COCOA's corpora (training images of each class) and foil (random training images)."""
+        return CocoaSets(
+            train_labels=torch.as_tensor(self.train_data.labels).cpu(),
+            train_images=lambda indices: self.images(indices, split="train"),
+            test_labels=torch.as_tensor(self.test_data.labels).cpu(),
+            generator=self.generator,
+        )
 
     def display(self, images: torch.Tensor) -> np.ndarray:
         """Normalised (B, 3, H, W) → uint8 (B, H, W, 3) for figures."""
         return to_display_image(images, self.mean, self.std)
 
-    def explain_fn(self, name: str, encoder: nn.Module, seed: int | None = None) -> ExplainFn:
+    def explain_fn(
+        self, name: str, encoder: nn.Module, indices: torch.Tensor, seed: int | None = None
+    ) -> ExplainFn:
         """``images`` (B, 3, H, W) ``-> maps`` (B, H, W) of explainer ``name`` with the study's
-        options and seed (or ``seed``). Under torchrun each call explains this rank's share of the
+        options and seed (or ``seed``), for the test images ``indices`` (B,) (COCOA draws each
+        image's corpus from its class). Under torchrun each call explains this rank's share of the
         images and gathers the rest, so every rank gets all B maps
         (:func:`sslens.study.sharding.explain_rows`)."""
         return explain_fn(
             name, encoder, self.config.explainers.get(name, {}), seed=self.seed if seed is None else seed,
-            mean=self.mean, std=self.std,
+            mean=self.mean, std=self.std, cocoa=self.cocoa, indices=indices,
         )
 
-    def explanation_fn(self, name: str, encoder: nn.Module) -> Callable[..., Explanation]:
+    def explanation_fn(self, name: str, encoder: nn.Module, indices: torch.Tensor) -> Callable[..., Explanation]:
         """Like :meth:`explain_fn`, but ``images, **per_image -> Explanation`` with every map
         (importance, uncertainty, components)."""
         return explanation_fn(
-            name, encoder, self.config.explainers.get(name, {}), seed=self.seed, mean=self.mean, std=self.std
+            name, encoder, self.config.explainers.get(name, {}), seed=self.seed, mean=self.mean, std=self.std,
+            cocoa=self.cocoa, indices=indices,
         )

@@ -240,9 +240,10 @@ def _agreement(raw: dict, seed: int, purpose: str) -> dict:
 def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
     """:func:`~sslens.explain.metrics.invariance.saliency_invariance` of RELAX maps (reference
     Table 1), with the same test on random and constant maps as chance levels."""
-    images = ctx.images(ctx.sample(samples))
+    indices = ctx.sample(samples)
+    images = ctx.images(indices)
     encoder = _pooled(ctx, model)
-    relax = ctx.explain_fn("relax", encoder)
+    relax = ctx.explain_fn("relax", encoder, indices)
     first_maps = []  # the first image's map in each call: original, then each augmentation
 
     def explain(x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +252,7 @@ def invariance(ctx: StudyContext, model: StudyModel, settings: dict, samples: in
         return maps
 
     # Another seed draws other masks: the retest measures the explainer's own noise.
-    retest = ctx.explain_fn("relax", encoder, seed=ctx.seed + 1) if settings["retest"] else None
+    retest = ctx.explain_fn("relax", encoder, indices, seed=ctx.seed + 1) if settings["retest"] else None
     augmentations = settings["augmentations"]
     raw = saliency_invariance(explain, images, augmentations=augmentations, mean=ctx.mean, std=ctx.std, retest_fn=retest)
     results: dict[str, Any] = {name: _agreement(value, ctx.seed, name) for name, value in raw.items()}
@@ -300,13 +301,14 @@ def faithfulness(ctx: StudyContext, model: StudyModel, settings: dict, samples: 
     a constant map; the random pixel order is the chance curve. Every map (and uncertainty, with
     its per-image mean) is kept as float16 for the report's explorer."""
     encoder = _pooled(ctx, model)
-    images = ctx.images(ctx.sample(samples))
+    indices = ctx.sample(samples)
+    images = ctx.images(indices)
     options = {"steps": settings["steps"], "baseline": settings["baseline"], "seed": ctx.seed,
                "random_repeats": settings["random_repeats"]}
     results: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
     for name in settings["explainers"]:
-        explanation = ctx.explanation_fn(name, encoder)(images)
+        explanation = ctx.explanation_fn(name, encoder, indices)(images)
         maps = explanation.importance.to(images.device)
         # Every map is kept (float16) for the report's explorer, which explains these images.
         arrays[f"maps__{name}__importance"] = explanation.importance.cpu().to(torch.float16).numpy()
@@ -387,7 +389,7 @@ def localization(ctx: StudyContext, model: StudyModel, settings: dict, samples: 
     results: dict[str, Any] = {"explainers": {}, "chance": {}}
     arrays: dict[str, np.ndarray] = {}
     for name in settings["explainers"]:
-        maps = ctx.explain_fn(name, encoder)(images).to(images.device)
+        maps = ctx.explain_fn(name, encoder, indices)(images).to(images.device)
         results["explainers"][name], per_image = _localization(maps, masks, settings, ctx.seed)
         arrays.update({item_key(name, metric): values for metric, values in per_image.items()})
     results["chance"] = _chance_localization(masks, settings, ctx.seed)
@@ -413,11 +415,12 @@ def sanity(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | 
     prefix = next(name for name, module in encoder.named_modules() if module is model.method.backbone)
     layers = [f"{prefix}.{n}" if prefix else n for n in reversed(model.method.backbone.layer_names)]
     layers = layers[: settings["steps"]]
-    images = ctx.images(ctx.sample(samples))
+    indices = ctx.sample(samples)
+    images = ctx.images(indices)
     results = {}
     for name in settings["explainers"]:
         results[name] = model_randomization_test(
-            encoder, layers, lambda m, name=name: ctx.explain_fn(name, m), images,
+            encoder, layers, lambda m, name=name: ctx.explain_fn(name, m, indices), images,
             seed=ctx.seed, threshold=settings["threshold"],
         )
     return StageResult(results)
@@ -488,13 +491,16 @@ def component_images(explainer: PerceptualComponents, images: torch.Tensor, dept
 @register_experiment(
     "gradcam_pairs",
     title="Grad-CAM of image pairs",
-    reading_aid="Symmetric similarity Grad-CAM: for each pair, both images' maps of what makes their embeddings similar, with the cosine similarity in the row title. Examples, not estimates: one pair of each kind.",
+    reading_aid="Symmetric similarity Grad-CAM: for each pair, both images' maps of what makes their embeddings similar, with the cosine similarity in the row title; then the pair's correspondence map: which region of one image matches which region of the other (boxes of one colour are a matched pair of cells). Examples, not estimates: one pair of each kind.",
     section=sections.gradcam_pairs,
     samples=1,
-    explainers=("gradcam",),
+    explainers=("gradcam", "correspondence"),
 )
 def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples: int | None) -> StageResult:
-    """Per anchor image: an augmented view, a same-class image and a different-class image."""
+    """Per anchor image: an augmented view, a same-class image and a different-class image, each
+    pair explained by symmetric similarity Grad-CAM and by its correspondence map
+    (:class:`~sslens.explain.correspondence.Correspondence`: both images' maps and the
+    best-matching cell pairs)."""
     anchors = ctx.sample(samples)
     labels = ctx.test_data.labels.cpu()
     generator = ctx.generator("gradcam_pairs.partners")
@@ -516,17 +522,25 @@ def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples:
         mean=ctx.mean, std=ctx.std, fixed={"symmetric": True},
     )
     explanation = explain_rows(cam, first, per_image_info=("similarity",), reference=second)
+    correspondence = build_explainer(
+        "correspondence", _pooled(ctx, model), ctx.config.explainers.get("correspondence", {}), seed=ctx.seed,
+        mean=ctx.mean, std=ctx.std,
+    )
+    matched = explain_rows(correspondence, first, per_image_info=("matches",), reference=second)
     results = {
         "pairs": [
             {"kind": kind, "image": a, "partner": b, "similarity": s}
             for (kind, a, b), s in zip(kinds, explanation.info["similarity"], strict=True)
         ],
         "layer": explanation.info["layer"],
+        "correspondence": {key: matched.info[key] for key in ("layer", "grid", "reference_grid", "matches")},
     }
     arrays = {
         "first_images": ctx.display(first), "second_images": ctx.display(second),
         "first_maps": explanation.importance.cpu().numpy(),
         "second_maps": explanation.components["reference"].cpu().numpy(),
+        "first_correspondence": matched.importance.cpu().numpy(),
+        "second_correspondence": matched.components["reference"].cpu().numpy(),
     }
     return StageResult(results, arrays)
 
@@ -540,7 +554,9 @@ def gradcam_pairs(ctx: StudyContext, model: StudyModel, settings: dict, samples:
         "tests": list(groundtruth.TESTS), "explainers": ["relax", "gradcam"],
         # Training method → its options; one per learning principle compares the principles.
         "methods": {"simclr": {"temperature": 0.2}},
-        "backbone": "resnet-tiny", "image_size": 32, "num_images": 256, "epochs": 30, "batch_size": 64,
+        # A timm ViT (backbone: timm, backbone_options: {model_name: ..., img_size: 32, patch_size: 4})
+        # lets the attention explainers take the tests too.
+        "backbone": "resnet-tiny", "backbone_options": {}, "image_size": 32, "num_images": 256, "epochs": 30, "batch_size": 64,
         "lr": 2.0e-3,
     },
     samples=256,

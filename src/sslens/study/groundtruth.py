@@ -53,9 +53,16 @@ from sslens.explain.base import Explainer
 from sslens.explain.metrics.localization import relevance_mass
 from sslens.explain.perceptual import COMPONENTS, Amounts
 from sslens.methods.base import METHODS
+from sslens.models import create_backbone
 from sslens.stats import bootstrap_mean, paired_difference, paired_ratio
 from sslens.study.cache import StageResult
-from sslens.study.explainers import build_explainer, takes_reference
+from sslens.study.explainers import (
+    CocoaSets,
+    build_explainer,
+    by_class,
+    takes_corpus,
+    takes_reference,
+)
 from sslens.study.measures import CHANCE_DRAWS, item_key, seed_for
 from sslens.study.models import prepare_model
 from sslens.study.sharding import explain_rows
@@ -139,6 +146,25 @@ def check_settings(settings: dict) -> None:
     if "planted_cue" in settings["tests"] and not settings["explainers"]:
         raise UserError("settings.groundtruth.explainers is empty: the planted-cue test needs an explainer to check "
                         "(e.g. [relax, gradcam]).")
+    if "planted_cue" in settings["tests"]:
+        _check_explainers_fit(settings)
+
+
+def _check_explainers_fit(settings: dict) -> None:
+    """A UserError, before any training, for a listed explainer that cannot explain the
+    experiment's backbone (an attention map of a ResNet): each is built on an untrained one."""
+    try:
+        encoder = create_backbone(settings["backbone"], **settings["backbone_options"])
+    except (ValueError, TypeError) as error:
+        raise UserError(f"settings.groundtruth.backbone: {error}") from None
+    for name in settings["explainers"]:
+        try:
+            build_explainer(name, encoder, {}, seed=0, mean=(0.5,) * 3, std=(0.25,) * 3)
+        except UserError as error:
+            raise UserError(
+                f"settings.groundtruth.explainers: {name} cannot explain the {settings['backbone']} backbone: "
+                f"{error}"
+            ) from None
 
 
 def verdict(low: float | None, high: float | None, threshold: float) -> str:
@@ -165,7 +191,7 @@ def model_specs(settings: dict, method: str, seed: int, device: str) -> dict[str
     for name in needed:
         data_options, views, _ = MODELS[name]
         train = TrainConfig(
-            method=method, backbone=settings["backbone"], data="synthetic",
+            method=method, backbone=settings["backbone"], backbone_options=settings["backbone_options"], data="synthetic",
             data_options={**data_options, "num_images": settings["num_images"]},
             image_size=settings["image_size"], views="simclr", views_options=views,
             method_options=settings["methods"][method],
@@ -210,11 +236,28 @@ def mirrored(images: torch.Tensor) -> torch.Tensor:
     return images.flip(-1)
 
 
-def _maps(ctx, name: str, encoder: nn.Module, images: torch.Tensor, data) -> torch.Tensor:
+def _cocoa_sets(ctx, settings: dict, data) -> CocoaSets:
+    """COCOA's corpora and foil for the cue world's test ``data``: its training split (what the
+    cue model was trained on, the marker included), drawn with seeds from the study seed."""
+    train = load_split("synthetic", "train", data_dir=None, image_size=settings["image_size"],
+                       options={**MODELS["cue"][0], "num_images": settings["num_images"]}, device=ctx.device)
+    images = normalize(to_float(train.images.to(ctx.device)), train.mean, train.std)
+    return CocoaSets(
+        train_labels=torch.as_tensor(train.labels).cpu(),
+        train_images=lambda indices: images[indices.to(images.device)],
+        test_labels=torch.as_tensor(data.labels).cpu(),
+        generator=lambda purpose: torch.Generator().manual_seed(seed_for(ctx.seed, f"groundtruth {purpose}")),
+    )
+
+
+def _maps(ctx, name: str, encoder: nn.Module, images: torch.Tensor, data, cocoa: CocoaSets) -> torch.Tensor:
     """(B, H, W) raw maps of explainer ``name`` (the study's options and seed) for ``encoder``;
-    an explainer that compares with a reference compares each image with its :func:`mirrored`."""
+    an explainer that compares with a reference compares each image with its :func:`mirrored`,
+    one that explains against a corpus (COCOA) uses ``cocoa``'s, the test images in order."""
     explainer = build_explainer(name, encoder, ctx.config.explainers.get(name, {}), seed=ctx.seed, mean=data.mean,
                                 std=data.std)
+    if takes_corpus(explainer):
+        return by_class(explainer, cocoa, torch.arange(len(images)))(images).importance.cpu()
     if not takes_reference(explainer):
         return explain_rows(explainer, images).importance.cpu()
     return explain_rows(explainer, images, reference=mirrored(images)).importance.cpu()
@@ -235,10 +278,11 @@ def planted_cue(ctx, models: dict, settings: dict, count: int, method: str) -> t
     # Every test image is kept: the report's drill-down shows the images behind each row.
     rows, arrays = [], {"cue_images": data.images.cpu().numpy()}
     random_estimate = bootstrap_mean(random, unit="images", seed=seed_for(ctx.seed, "cue random"))
+    cocoa = _cocoa_sets(ctx, settings, data)
     for name in settings["explainers"]:
         shares = {}
         for model in ("cue", "cue-control"):
-            maps = _maps(ctx, name, models[model].encoder("pooled", data), images, data)
+            maps = _maps(ctx, name, models[model].encoder("pooled", data), images, data, cocoa)
             shares[model] = relevance_mass(maps, masks.cpu()).numpy()
             arrays[item_key(method, name, model, "share")] = shares[model]
             arrays[f"maps__{method}__{name}__{model}"] = maps[:3].numpy()

@@ -454,18 +454,39 @@ def perceptual(ctx, outputs: dict, settings: dict) -> SectionContent:
     )
 
 
+def _cell_boxes(cells: list[list[int]], grid: list[int], size: tuple[int, int]) -> list[tuple[float, ...]]:
+    """(top, left, bottom, right) in px of each [row, col] cell of a ``grid`` over an image of ``size``."""
+    height, width = size[0] / grid[0], size[1] / grid[1]
+    return [(r * height, c * width, (r + 1) * height, (c + 1) * width) for r, c in cells]
+
+
 def gradcam_pairs(ctx, outputs: dict, settings: dict) -> SectionContent:
-    grid, rows = [], []
+    grid, matched, rows = [], [], []
     for model in _examples(ctx, outputs):
-        a = outputs[model].arrays
-        for i, pair in enumerate(outputs[model].results["pairs"]):
+        a, results = outputs[model].arrays, outputs[model].results
+        found = results.get("correspondence")
+        for i, pair in enumerate(results["pairs"]):
             title = f"{model}: {pair['kind']} (s={pair['similarity']:.2f})"
             grid.append((title, [("image", a["first_images"][i], a["first_maps"][i]),
                                  ("pair", a["second_images"][i], a["second_maps"][i])]))
             rows.append([model, pair["kind"], pair["image"], pair["partner"], pair["similarity"]])
+            if found is not None:
+                size = a["first_images"][i].shape[:2]
+                matches = found["matches"][i]
+                matched.append((title, [
+                    ("image", a["first_images"][i], a["first_correspondence"][i],
+                     _cell_boxes([m["cell"] for m in matches], found["grid"], size)),
+                    ("pair", a["second_images"][i], a["second_correspondence"][i],
+                     _cell_boxes([m["reference_cell"] for m in matches], found["reference_grid"], size)),
+                ]))
+    figures = [("pairs", "Each row: an image and its pair, each with its own Grad-CAM map (raw, own colour bar).",
+                heatmap_grid(grid))]
+    if matched:
+        figures.append(("correspondence", "Each row: the pair's correspondence maps (raw, own colour bar) and its "
+                        "best-matching cell pairs, one colour per pair of cells (strongest first: blue, orange, green, ...).",
+                        heatmap_grid(matched)))
     return SectionContent(
-        [("pairs", "Each row: an image and its pair, each with its own Grad-CAM map (raw, own colour bar).",
-          heatmap_grid(grid))],
+        figures,
         [Table(["model", "pair", "image", "partner", "cosine similarity"], rows,
                "Test-image indices of each pair. Examples, not estimates: no interval.")],
     )
