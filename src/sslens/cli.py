@@ -182,13 +182,28 @@ def explain_command(
         "--image", "-i", help="Image file or folder of images (repeatable).",
     )] = ...,
     method: Annotated[str, typer.Option(
-        help="relax, perceptual, gradcam, or another CAM: gradcam++, xgradcam, layercam, eigencam, scorecam, hirescam.",
+        help="relax, perceptual, gradcam, or another CAM: gradcam++, xgradcam, layercam, eigencam, scorecam, hirescam; "
+        "label-free attribution: labelfree-ig, labelfree-gxi; COCOA (with --corpus and --foil): cocoa-ig, "
+        "cocoa-masking; for a ViT: rollout, cls-attention, gradient-attention; image pairs: correspondence.",
     )] = "relax",
     out: Annotated[Path, typer.Option(help="Folder for the .npz maps and .png figures.")] = Path("explanations"),
     reference: Annotated[str | None, typer.Option(
-        help="Grad-CAM reference: an image, a folder (its mean embedding) or 'augmented' (a seeded view of the image itself).",
+        help="Reference of the CAMs and gradient-attention: an image, a folder (its mean embedding) or 'augmented' "
+        "(a seeded view of the image itself); of correspondence: an image or 'augmented'.",
     )] = None,
-    layer: Annotated[str | None, typer.Option(help="Grad-CAM layer name (default: the last convolutional stage).")] = None,
+    corpus: Annotated[list[str] | None, typer.Option(
+        "--corpus", metavar="FOLDER_OR_IMAGE",
+        help="COCOA's corpus (cocoa-ig, cocoa-masking): images the explained image is compared with, e.g. of "
+        "its class (repeatable; a folder gives all its images).",
+    )] = None,
+    foil: Annotated[list[str] | None, typer.Option(
+        "--foil", metavar="FOLDER_OR_IMAGE",
+        help="COCOA's foil: images the corpus is contrasted with, e.g. random images (repeatable; a folder "
+        "gives all its images).",
+    )] = None,
+    layer: Annotated[str | None, typer.Option(
+        help="Layer of Grad-CAM and correspondence (default: the last convolutional stage, or a ViT's last block).",
+    )] = None,
     components: Annotated[str | None, typer.Option(
         help="Perceptual components, comma-separated: color,shape,texture,brightness,sharpness,depth,lowpass,highpass.",
     )] = None,
@@ -201,7 +216,7 @@ def explain_command(
     )] = None,
     timm_name: Annotated[str | None, typer.Option(help="timm model name, with --format timm.")] = None,
     output: Annotated[str, typer.Option(help="Embedding to explain: pooled, projection (or prototypes for imported SwAV).")] = "pooled",
-    num_masks: Annotated[int | None, typer.Option(help="Masks for relax/perceptual (default 3000).")] = None,
+    num_masks: Annotated[int | None, typer.Option(help="Masks for relax, perceptual and cocoa-masking (default 3000).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the masks and augmentations.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
     depth_model: Annotated[str | None, typer.Option(
@@ -212,7 +227,7 @@ def explain_command(
         help="Replace output files that already exist (otherwise the run stops before explaining anything).",
     )] = False,
     strict: Annotated[bool, typer.Option(
-        help="Stop at the first unreadable image or reference file, instead of skipping it with a warning.",
+        help="Stop at the first unreadable image, reference, corpus or foil file, instead of skipping it with a warning.",
     )] = False,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="Rich progress bar (default: only on a terminal).", show_default=False,
@@ -226,7 +241,7 @@ def explain_command(
     from sslens.explain.run import explain_images
 
     explain_images(
-        model, image, method=method, out_dir=out, reference=reference, layer=layer,
+        model, image, method=method, out_dir=out, reference=reference, corpus=corpus, foil=foil, layer=layer,
         components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
         weights=weights, format=format, arch=arch, timm_name=timm_name, output=output, num_masks=num_masks,
         seed=seed, device=device, depth_model=depth_model, overwrite=overwrite, strict=strict,

@@ -65,7 +65,7 @@ so ResNets and ViTs both work.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -254,6 +254,14 @@ def _upsampled(cells: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
     """(B, h·w) cell scores → (B, H, W) float32 on the CPU, bilinearly."""
     maps = cells.reshape(len(cells), 1, *grid)
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0].float().cpu()
+
+
+def cell_boxes(cells: Sequence[Sequence[int]], grid: Sequence[int], size: Sequence[int]) -> list[tuple[float, ...]]:
+    """(top, left, bottom, right) in px of each (row, col) cell of an (h, w) ``grid`` laid over an
+    image of ``size`` (H, W): cell (r, c) covers rows r·H/h … (r+1)·H/h and columns c·W/w … (c+1)·W/w.
+    For drawing ``info["matches"]`` (``cell`` on ``grid``, ``reference_cell`` on ``reference_grid``)."""
+    height, width = size[0] / grid[0], size[1] / grid[1]
+    return [(row * height, col * width, (row + 1) * height, (col + 1) * width) for row, col in cells]
 
 
 def _top_matches(matrix: torch.Tensor, grid_a: tuple[int, int], grid_b: tuple[int, int], top_k: int) -> list[list[dict]]:

@@ -136,6 +136,8 @@ def save_explanation_png(
     *,
     reference: np.ndarray | None = None,
     reference_label: str | None = None,
+    boxes: Sequence[tuple[float, float, float, float]] = (),
+    reference_boxes: Sequence[tuple[float, float, float, float]] = (),
     cmap: str = "jet",
     alpha: float = 0.5,
     normalization: str = "minmax",
@@ -149,7 +151,9 @@ def save_explanation_png(
     unbounded, and an overlay needs values in [0, 1]). ``image`` is uint8 (H, W, 3); each map is
     (H, W); ``reference`` is a uint8 (h, w, 3) image shown under the title ``reference_label``,
     or None to write ``reference_label`` as a note in its place (e.g. "mean embedding of 12
-    images"). ``title`` may span lines (long ones are wrapped). Uses matplotlib's Agg canvas
+    images"). ``boxes`` and ``reference_boxes`` (top, left, bottom, right) in px are outlined on
+    the image and on the reference by :func:`draw_boxes` (box k of both in the same colour, e.g. a
+    correspondence match). ``title`` may span lines (long ones are wrapped). Uses matplotlib's Agg canvas
     directly, so no pyplot state or display is involved. Returns the path written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -176,10 +180,14 @@ def save_explanation_png(
     axes = figure.subplots(2, columns, squeeze=False)
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("input")
+    draw_boxes(axes[0, 0], boxes)
+    if reference_boxes and reference is None:
+        raise ValueError("reference_boxes are drawn on the reference: pass the reference image too")
     if reference_label is not None:
         if reference is not None:
             axes[0, 1].imshow(np.asarray(reference))
             axes[0, 1].set_title(_wrap(reference_label))
+            draw_boxes(axes[0, 1], reference_boxes)
         else:
             axes[0, 1].text(0.5, 0.5, _wrap(reference_label), ha="center", va="center", transform=axes[0, 1].transAxes)
     for column, (name, raw) in enumerate(maps.items(), start=first):
@@ -199,6 +207,18 @@ def save_explanation_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
     return path
+
+
+def draw_boxes(axis, boxes: Sequence[tuple[float, float, float, float]]) -> None:
+    """Outline each (top, left, bottom, right) px box on a matplotlib ``axis`` showing an image,
+    box k in colour k of matplotlib's cycle (C0 blue, C1 orange, C2 green, ...), so boxes with
+    the same index on two images (a region and its match) share a colour."""
+    from matplotlib.patches import Rectangle
+
+    for k, (top, left, bottom, right) in enumerate(boxes):
+        # Pixel centres sit on integers in imshow, so a cell's edges are half a pixel out.
+        axis.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                                 edgecolor=f"C{k % 10}", linewidth=1.5))
 
 
 def _wrap(text: str, width: int = 28) -> str:

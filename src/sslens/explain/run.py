@@ -1,22 +1,28 @@
 """``sslens explain``: explain image files with a trained model and write maps and figures.
 
 For every image ``<out>/<stem>_<method><options>.npz`` holds the raw maps (``importance``,
-``uncertainty`` where the method has one, ``component_<name>`` per component), the
-preprocessed image (``image`` uint8 (H, W, 3) and ``input``, the normalised (3, H, W) float32
-the model saw), for a CAM against an image or an augmented view the ``reference_image`` uint8
-(H, W, 3), and ``info``, a JSON string recording the model, the method and its options, every
-preprocessing step (with ``centre_crop`` saying what a centre crop cut off) and the reference.
-``<out>/<stem>_<method><options>.png`` draws the image, the reference and its cosine
-similarity (CAMs), each map with a colour bar in raw values, and its overlay.
+``uncertainty`` where the method has one, ``component_<name>`` per component, e.g. perceptual
+components or CLS attention's heads), the preprocessed image (``image`` uint8 (H, W, 3) and
+``input``, the normalised (3, H, W) float32 the model saw), for an explainer against an image or
+an augmented view the ``reference_image`` uint8 (H, W, 3), for correspondence the reference's own
+map ``reference_importance`` (H, W), and ``info``, a JSON string recording the model, the method
+and its options, every preprocessing step (with ``centre_crop`` saying what a centre crop cut
+off), the reference (or COCOA's ``corpus`` and ``foil`` files) and the explainer's own record
+(correspondence's ``matches``, ``grid`` and ``reference_grid`` among it).
+``<out>/<stem>_<method><options>.png`` draws the image, the reference and its cosine similarity
+(or a note naming COCOA's corpus and foil), each map with a colour bar in raw values, and its
+overlay; for correspondence the reference panel is the reference overlaid with its map, and the
+best matched cells are outlined in one colour per match on both images.
 
 ``<options>`` names what changes the map, each only when it is not the default, so default runs
 keep the name ``<stem>_<method>``: ``_layer3`` (``--layer``), ``_ref-dog`` / ``_refset-dogs``
-(``--reference`` an image / a folder; ``augmented`` adds nothing) and ``_projection``
-(``--output``). Existing files are never replaced without ``overwrite`` (``--overwrite``), and
-that is checked before anything is explained.
+(``--reference`` an image / a folder; ``augmented`` adds nothing), ``_corpus-dogs_foil-random``
+(``--corpus`` / ``--foil``: a folder's name or an image's stem, ``+2`` for two more paths) and
+``_projection`` (``--output``). Existing files are never replaced without ``overwrite``
+(``--overwrite``), and that is checked before anything is explained.
 
-Bad files do not stop a run: an unreadable image or reference (empty, truncated, not an image,
-a decompression bomb, which is never decoded) is skipped with an :class:`~sslens.errors.SslensWarning` naming
+Bad files do not stop a run: an unreadable image, reference, corpus or foil file (empty,
+truncated, not an image, a decompression bomb, which is never decoded) is skipped with an :class:`~sslens.errors.SslensWarning` naming
 it and why, the rest is explained, and a :class:`~sslens.errors.UserError` comes only when
 nothing could be (or at the first bad file with ``strict``, ``--strict``). A model whose
 weights or embeddings are NaN is a UserError; one that ignores its input gets a warning
@@ -26,9 +32,13 @@ masks done, masks/s and ETA; elsewhere a line per image says what was written an
 
 Explainers are built through the one front door, :func:`sslens.explain.base.create_explainer`,
 so a new registered explainer needs no change here: ``--layer`` goes to explainers with a
-``layer`` option, ``--reference`` to those whose call takes a ``reference`` (the CAM family),
-a ``progress`` callback to those whose call takes one (the masking explainers), and a flag an
-explainer does not take is refused by name. A published checkpoint (``--format``, or a
+``layer`` option, ``--reference`` to those whose call takes a ``reference`` (the CAM family,
+gradient-weighted attention, correspondence), ``--corpus`` and ``--foil`` to those whose call
+takes a ``corpus`` (COCOA), a ``progress`` callback to those whose call takes one (the masking
+explainers), and a flag an explainer does not take is refused by name. Two refusals know their
+explainers: the attention explainers (:mod:`sslens.explain.attention`) of a model without a
+Vision Transformer, and a reference folder for correspondence, which pairs feature maps of two
+images and so has no use for a mean embedding. A published checkpoint (``--format``, or a
 torchvision state dict with ``--weights``) is imported once into the user cache
 (:func:`sslens.published.import_cached`) and explained like any sslens model.
 
@@ -73,14 +83,18 @@ from sslens.distributed import (
     world,
 )
 from sslens.errors import SslensWarning, UserError
+from sslens.explain import attention
 from sslens.explain.base import (
+    EXPLAINERS,
     Explainer,
     Explanation,
     check_explainer_options,
     create_explainer,
+    explainer_options,
 )
+from sslens.explain.correspondence import Correspondence, cell_boxes
 from sslens.explain.depth import midas_depth_estimator
-from sslens.explain.display import save_explanation_png, to_display_image
+from sslens.explain.display import normalize_map, overlay, save_explanation_png, to_display_image
 from sslens.models.health import degenerate_encoder_warning
 from sslens.store import META_FILE, load_model
 
@@ -100,6 +114,10 @@ LONG_RUN_S = 3600.0
 
 #: Unreadable files named in one warning; the rest are counted.
 WARN_LIMIT = 10
+
+#: The component that maps the reference image, not the explained one (correspondence's map of
+#: image B, a symmetric CAM's map of its reference): saved as ``reference_importance``.
+REFERENCE_MAP = "reference"
 
 
 def _warn(message: str) -> None:
@@ -218,6 +236,23 @@ def _no_image(batch: torch.Tensor) -> None:
     return None
 
 
+def _decoded(files: list[Path], what: str, load: Callable, strict: bool) -> dict[Path, torch.Tensor]:
+    """{path: its normalised (3, H, W) input} of ``files`` (readable by :func:`_readable`), each
+    decoded by ``load``; one that fails to decode is skipped with a warning naming ``what`` it is
+    (a UserError with ``strict``, for a single file, or if none is left)."""
+    loaded = {}
+    for path in files:
+        try:
+            loaded[path] = load(path)[0]
+        except UserError as error:
+            if strict or len(files) == 1:
+                raise
+            _warn(f"Skipping the {what} {path}: {error}")
+    if not loaded:
+        raise UserError(f"None of the {what}s could be read; pass readable image files or a folder of them.")
+    return loaded
+
+
 def _reference_kwargs(
     explainer: Explainer, method: str, reference: str | None, files: list[Path], load: Callable,
     device: torch.device, strict: bool,
@@ -232,30 +267,77 @@ def _reference_kwargs(
         if reference is not None:
             raise UserError(f"--reference does not apply to the {method} explainer; leave it out.")
         return {}, {}, _no_image, None
+    pairs = isinstance(explainer, Correspondence)
     if reference is None:
+        folder = "" if pairs else "--reference FOLDER (the mean embedding of its images), "
         raise UserError(
             f"{method} explains the similarity of each image's embedding with a reference embedding: "
-            "pass --reference IMAGE, --reference FOLDER (the mean embedding of its images), or "
-            "--reference augmented (an augmented view of each image itself)."
+            f"pass --reference IMAGE, {folder}or --reference augmented (an augmented view of each image itself)."
+        )
+    if pairs and Path(reference).is_dir():
+        raise UserError(
+            f"--reference {reference} is a folder, and {method} pairs the feature map of each image with "
+            "that of one reference image (a folder's mean embedding has no feature map to match): pass "
+            "--reference IMAGE, or --reference augmented (an augmented view of each image itself)."
         )
     if reference == "augmented":
         view = functools.partial(_augmented_view, explainer)
         return {"reference": "augmented"}, {"reference": "augmented"}, view, "reference: augmented view"
-    loaded = {}
-    for path in files:
-        try:
-            loaded[path] = load(path)[0]
-        except UserError as error:
-            if strict or len(files) == 1:
-                raise
-            _warn(f"Skipping the reference image {path}: {error}")
-    if not loaded:
-        raise UserError(f"None of the reference images in {reference} could be read; pass a folder of readable images.")
+    loaded = _decoded(files, "reference image", load, strict)
     tensors = torch.stack(list(loaded.values())).to(device)
     if Path(reference).is_dir():
         label = f"reference: mean embedding of {len(loaded)} image{'s' * (len(loaded) > 1)} in {reference}"
         return {"reference_set": tensors}, {"reference_set": [str(f) for f in loaded]}, _no_image, label
     return {"reference": tensors}, {"reference": str(files[0])}, lambda batch: tensors[0], f"reference: {files[0].name}"
+
+
+def _corpus_kwargs(
+    explainer: Explainer, method: str, sets: dict[str, tuple[Sequence[str] | None, list[Path]]],
+    load: Callable, device: torch.device, strict: bool,
+) -> tuple[dict, dict, str | None]:
+    """(call kwargs, record, label) for ``--corpus`` and ``--foil``, COCOA's two image sets.
+
+    ``sets`` maps "corpus" and "foil" to (the paths the user gave or None, their readable image
+    files); each set becomes an (N, 3, H, W) tensor of inputs (a file that fails to decode is
+    skipped with a warning, a UserError with ``strict`` or if none is left). ``label`` names the
+    sets for the figure (None: the explainer takes none).
+    """
+    given = [name for name, (paths, _) in sets.items() if paths]
+    if "corpus" not in inspect.signature(explainer.explain).parameters:
+        if given:
+            raise UserError(f"--{given[0]} does not apply to the {method} explainer; leave it out.")
+        return {}, {}, None
+    missing = [f"--{name} FOLDER_OR_IMAGE" for name in sets if name not in given]
+    if missing:
+        raise UserError(
+            f"{method} explains how much more similar each image's embedding is to a corpus of images than to "
+            f"a foil set (COCOA's contrastive corpus similarity): pass {' and '.join(missing)} (--corpus e.g. "
+            "images of the explained image's class, --foil e.g. random images of other classes; each is "
+            "repeatable, and a folder gives all its images)."
+        )
+    kwargs, record, parts = {}, {}, []
+    for name, (paths, files) in sets.items():
+        loaded = _decoded(files, f"{name} image", load, strict)
+        kwargs[name] = torch.stack(list(loaded.values())).to(device)
+        record[name] = [str(f) for f in loaded]
+        parts.append(f"{name}: {len(loaded)} image{'s' * (len(loaded) > 1)} in {', '.join(paths)}")
+    return kwargs, record, " · ".join(parts)
+
+
+def _check_attention_model(method: str, encoder: nn.Module, source: dict) -> None:
+    """A UserError for an explainer of :mod:`sslens.explain.attention`, each of which reads the
+    attention of a timm Vision Transformer, asked to explain a model without one."""
+    if getattr(EXPLAINERS.get(method), "__module__", None) != attention.__name__:
+        return
+    try:
+        attention.find_vision_transformer(encoder)
+    except ValueError as error:
+        raise UserError(
+            f"The {method} explainer needs a Vision Transformer, and {source.get('checkpoint') or source['model']} has a "
+            f"{source.get('backbone')} backbone. {error} Explain a ViT: an sslens model trained with a timm "
+            "ViT backbone (backbone: timm, backbone_options: {model_name: vit_...}), or a published timm "
+            "checkpoint with --format timm --timm-name vit_... (e.g. vit_small_patch16_224)."
+        ) from None
 
 
 def _unique_stems(files: Sequence[Path]) -> list[str]:
@@ -268,12 +350,17 @@ def _unique_stems(files: Sequence[Path]) -> list[str]:
     return stems
 
 
-def output_suffix(layer: str | None, reference: str | None, output: str) -> str:
+def output_suffix(
+    layer: str | None, reference: str | None, output: str, *,
+    corpus: Sequence[str] | None = None, foil: Sequence[str] | None = None,
+) -> str:
     """The part of an output name after ``<stem>_<method>``: the options that change the map, each
     only when it is not the default, so a default run's files keep the name ``<stem>_<method>``.
 
     >>> output_suffix("layer3", "refs/dog.jpg", "projection"), output_suffix(None, "augmented", "pooled")
     ('_layer3_ref-dog_projection', '')
+    >>> output_suffix(None, None, "pooled", corpus=["dogs/a.jpg", "dogs/b.jpg"], foil=["random.png"])
+    '_corpus-a+1_foil-random'
     """
     parts = []
     if layer is not None:
@@ -281,6 +368,11 @@ def output_suffix(layer: str | None, reference: str | None, output: str) -> str:
     if reference is not None and reference != "augmented":
         path = Path(reference)
         parts.append(f"refset-{path.resolve().name}" if path.is_dir() else f"ref-{path.stem}")
+    for name, paths in (("corpus", corpus), ("foil", foil)):
+        if paths:
+            first = Path(paths[0])
+            more = f"+{len(paths) - 1}" if len(paths) > 1 else ""
+            parts.append(f"{name}-{first.resolve().name if first.is_dir() else first.stem}{more}")
     if output != "pooled":
         parts.append(output)
     # Only characters that are safe in a file name on every system.
@@ -300,11 +392,12 @@ def _check_outputs(out: Path, names: Sequence[str], overwrite: bool) -> None:
 
 
 def _maps(method: str, explanation: Explanation, size) -> dict[str, np.ndarray]:
-    """Image i=0's maps of input resolution, in display order, keyed by name."""
+    """Image i=0's maps of input resolution, in display order, keyed by name; not the reference's
+    map (:data:`REFERENCE_MAP`), which is drawn on the reference."""
     maps = {method: explanation.importance[0]}
     if explanation.uncertainty is not None:
         maps["uncertainty"] = explanation.uncertainty[0]
-    maps.update({name: value[0] for name, value in explanation.components.items()})
+    maps.update({name: value[0] for name, value in explanation.components.items() if name != REFERENCE_MAP})
     return {
         name: value.detach().float().cpu().numpy()
         for name, value in maps.items()
@@ -466,6 +559,8 @@ def explain_images(
     method: str = "relax",
     out_dir: str | Path = "explanations",
     reference: str | None = None,
+    corpus: str | Sequence[str] | None = None,
+    foil: str | Sequence[str] | None = None,
     layer: str | None = None,
     components: Sequence[str] | None = None,
     weights: str | None = None,
@@ -488,26 +583,32 @@ def explain_images(
             :func:`sslens.store.load_model`), or with ``format`` a published checkpoint file;
             None when ``weights`` is given.
         images: image files and/or folders; any size and PIL mode.
-        method: a registered explainer ("relax", "perceptual", "gradcam", "gradcam++", ...).
+        method: a registered explainer ("relax", "perceptual", "gradcam", "gradcam++",
+            "labelfree-ig", "cocoa-masking", "rollout", "correspondence", ...).
         out_dir: where ``<stem>_<method><options>.npz`` / ``.png`` go (created; see the module
             docstring for ``<options>``).
-        reference: for the CAM family, an image file, a folder (its mean embedding), or
-            "augmented" (a seeded augmented view of each image).
-        layer: CAM layer name ("stem", "layer1" ... "layer4" or a dotted submodule path).
+        reference: for the CAM family and gradient-weighted attention, an image file, a folder
+            (its mean embedding), or "augmented" (a seeded augmented view of each image); for
+            correspondence an image file or "augmented".
+        corpus, foil: for COCOA, an image file or folder, or a list of them: the corpus the explained images are
+            compared with (e.g. images of their class) and the foil they are contrasted with
+            (e.g. random images); loaded and preprocessed as the explained images.
+        layer: CAM or correspondence layer name ("stem", "layer1" ... "layer4", a ViT block, or a
+            dotted submodule path).
         components: perceptual components to compute.
         weights: a local torchvision ResNet state dict, the same as ``model=weights,
             format="torchvision"``; ImageNet normalisation, 224 px.
         format, arch, timm_name: the layout of a published checkpoint ``model`` (moco, swav,
             simclr, byol, barlowtwins, vicreg, dino, torchvision, timm; see :func:`sslens.published.import_checkpoint`).
         output: "pooled" (backbone representation) or "projection" (projection-head output).
-        num_masks: masks for RELAX-based methods (default: the explainer's).
-        seed: seeds masks and augmented views.
+        num_masks: masks for RELAX-based methods and cocoa-masking (default: the explainer's).
+        seed: seeds masks and augmented views (recorded for explainers that take one).
         device: "auto", "cpu", "cuda", ...
         depth_model: a MiDaS model (:data:`~sslens.explain.depth.MIDAS_MODELS`, e.g.
             "MiDaS_small") that estimates depth for the perceptual "depth" component, loaded
             through ``torch.hub``; None: that component is skipped, and the output says so.
         overwrite: replace output files that exist (otherwise a UserError before any work).
-        strict: an unreadable image or reference file is a UserError at once, instead of
+        strict: an unreadable image, reference, corpus or foil file is a UserError at once, instead of
             being skipped with a warning.
         progress: a progress bar (True), lines per image (False), or a bar on a terminal only.
 
@@ -528,7 +629,14 @@ def explain_images(
     reference_files = []
     if reference is not None and reference != "augmented":
         reference_files = _readable(list_image_files([reference]), "reference images", strict, quiet=not current.is_main)
-    suffix = output_suffix(layer, reference, output)
+    sets = {}  # COCOA's: name → (the paths given or None, their readable image files)
+    for name, paths in (("corpus", corpus), ("foil", foil)):
+        # One path may come as a string (Python callers), which is no list of paths to iterate.
+        paths = [str(paths)] if isinstance(paths, (str, Path)) else paths
+        readable = _readable(list_image_files(paths), f"{name} images", strict, quiet=not current.is_main) if paths else []
+        sets[name] = (paths, readable)
+    corpus, foil = sets["corpus"][0], sets["foil"][0]
+    suffix = output_suffix(layer, reference, output, corpus=corpus, foil=foil)
     # Stems are made unique over the whole list before it is split, so names do not depend on N.
     names = [f"{stem}_{method}{suffix}" for stem in _unique_stems(files)]
     # Rank 0 looks, before any rank writes, so every rank gets the same answer.
@@ -547,6 +655,7 @@ def explain_images(
     if weights is not None:
         source["weights"] = str(weights)
     size, mean, std = source["image_size"], source["mean"], source["std"]
+    _check_attention_model(method, encoder, source)
     factory_options = dict(user_options)
     if depth_model is not None:
         try:
@@ -564,6 +673,11 @@ def explain_images(
     call_kwargs, reference_record, shown_reference, reference_label = _reference_kwargs(
         explainer, method, reference, reference_files, load, torch_device, strict
     )
+    set_kwargs, set_record, set_label = _corpus_kwargs(explainer, method, sets, load, torch_device, strict)
+    call_kwargs, record = call_kwargs | set_kwargs, reference_record | set_record
+    reference_label = " · ".join(label for label in (reference_label, set_label) if label) or None
+    # A deterministic explainer (label-free, attention) takes no seed, and none is recorded for it.
+    options = {**user_options, **({"seed": seed} if "seed" in explainer_options(method) else {})}
     reports_masks = "progress" in inspect.signature(explainer.explain).parameters
 
     out.mkdir(parents=True, exist_ok=True)
@@ -596,10 +710,11 @@ def explain_images(
             seconds = time.perf_counter() - started
             paths, line = _write(
                 out / name, path, method, explanation, batch, tensor, preprocessing, source, size,
-                info={"method": method, "source": source, "options": {**user_options, "seed": seed}, **reference_record},
+                info={"method": method, "source": source, "options": options, **record},
                 reference=shown_reference(batch), reference_label=reference_label,
             )
-            masks = explanation.info.get("num_masks_used", [display.masks])[0] if reports_masks else None
+            # Explainers without a progress callback (cocoa-masking) still record the masks they used.
+            masks = explanation.info.get("num_masks_used", [display.masks if reports_masks else None])[0]
             line += (
                 f" ({masks:,} masks in {_duration(seconds)}, {masks / seconds:,.0f} masks/s)" if masks
                 else f" (in {_duration(seconds)})"
@@ -630,7 +745,10 @@ def _write(
     """Write ``base``.npz and ``base``.png of one image: ([npz, png], the line saying so).
 
     ``reference``: the reference's normalised (…, 3, H, W) input, recorded and drawn; its figure
-    panel and the title say ``reference_label`` and the cosine similarity (for a CAM).
+    panel and the title say ``reference_label`` and the cosine similarity (for a CAM). The
+    reference's own map (component :data:`REFERENCE_MAP`, correspondence's) is saved as
+    ``reference_importance`` and drawn over the reference, and correspondence's best matches are
+    outlined on both images.
     """
     mean, std = source["mean"], source["std"]
     image = to_display_image(batch, mean, std)[0]
@@ -642,7 +760,8 @@ def _write(
     if explanation.uncertainty is not None:
         arrays["uncertainty"] = explanation.uncertainty[0].detach().float().cpu().numpy()
     for name, value in explanation.components.items():
-        arrays[f"component_{name}"] = value[0].detach().float().cpu().numpy()
+        key = "reference_importance" if name == REFERENCE_MAP else f"component_{name}"
+        arrays[key] = value[0].detach().float().cpu().numpy()
     if reference is not None:
         reference = to_display_image(reference.reshape(1, *reference.shape[-3:]), mean, std)[0]
         arrays["reference_image"] = reference
@@ -654,12 +773,25 @@ def _write(
     if reference_label is not None:
         similarity = explanation.info.get("similarity")
         details.append(reference_label + (f" · cosine similarity {similarity[0]:.3f}" if similarity else ""))
+    shown_reference, panel_label, boxes, reference_boxes = reference, reference_label, [], []
+    if reference is not None and "reference_importance" in arrays:
+        shown_reference = overlay(reference, normalize_map(arrays["reference_importance"]))
+        panel_label = f"{reference_label}, overlaid with its {method} map (minmax)"
+        matches = explanation.info.get("matches")
+        if matches and matches[0]:
+            info = explanation.info
+            boxes = cell_boxes([m["cell"] for m in matches[0]], info["grid"], image.shape[:2])
+            reference_boxes = cell_boxes([m["reference_cell"] for m in matches[0]], info["reference_grid"],
+                                         reference.shape[:2])
+            details.append(f"outlined: the {len(matches[0])} best matched cell pairs, one colour per pair "
+                           "(strongest first: blue, orange, green, ...)")
     if crop is not None:
         details.append(crop)
     title = f"{method} · {path.name} · {source.get('model') or source.get('weights')}"
     png_path = save_explanation_png(
         base.with_name(f"{base.name}.png"), image, _maps(method, explanation, size),
         title="\n".join([title, *details]),
-        reference=reference, reference_label=reference_label,
+        reference=shown_reference, reference_label=panel_label, boxes=boxes, reference_boxes=reference_boxes,
     )
     return [npz_path, png_path], f"{path}: wrote {npz_path} and {png_path}"
+

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from sslens.explain.display import draw_boxes
+
 DPI = 100
 WIDTH_IN = 9.0  # 900 px at DPI
 
@@ -216,7 +218,6 @@ def heatmap_grid(
     """
     if not rows or not all(cells for _, cells in rows):
         raise ValueError("heatmap_grid needs at least one row, and every row needs at least one cell")
-    from matplotlib.patches import Rectangle
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     columns = max(len(cells) for _, cells in rows)
@@ -245,10 +246,7 @@ def heatmap_grid(
                     raise ValueError(f"map shape {heat.shape} must match image shape {image.shape[:2]}")
                 shown = ax.imshow(heat, cmap=cmap, alpha=alpha)
                 figure.colorbar(shown, cax=colorbar_axes)
-            for k, (top, left, bottom, right) in enumerate(boxes[0] if boxes else ()):
-                # Pixel centres sit on integers in imshow, so a cell's edges are half a pixel out.
-                ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
-                                       edgecolor=f"C{k % 10}", linewidth=1.5))
+            draw_boxes(ax, boxes[0] if boxes else ())
             ax.set_title(column_title, fontsize=9)
             if index == 0:
                 ax.set_ylabel(row_title, fontsize=9)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from sslens.explain.base import explainer_label
+from sslens.explain.correspondence import cell_boxes
 from sslens.explain.display import normalize_map
 from sslens.explain.metrics.invariance import RETEST, invariance_augmentation
 from sslens.report.explorer import (
@@ -454,12 +455,6 @@ def perceptual(ctx, outputs: dict, settings: dict) -> SectionContent:
     )
 
 
-def _cell_boxes(cells: list[list[int]], grid: list[int], size: tuple[int, int]) -> list[tuple[float, ...]]:
-    """(top, left, bottom, right) in px of each [row, col] cell of a ``grid`` over an image of ``size``."""
-    height, width = size[0] / grid[0], size[1] / grid[1]
-    return [(r * height, c * width, (r + 1) * height, (c + 1) * width) for r, c in cells]
-
-
 def gradcam_pairs(ctx, outputs: dict, settings: dict) -> SectionContent:
     grid, matched, rows = [], [], []
     for model in _examples(ctx, outputs):
@@ -475,9 +470,9 @@ def gradcam_pairs(ctx, outputs: dict, settings: dict) -> SectionContent:
                 matches = found["matches"][i]
                 matched.append((title, [
                     ("image", a["first_images"][i], a["first_correspondence"][i],
-                     _cell_boxes([m["cell"] for m in matches], found["grid"], size)),
+                     cell_boxes([m["cell"] for m in matches], found["grid"], size)),
                     ("pair", a["second_images"][i], a["second_correspondence"][i],
-                     _cell_boxes([m["reference_cell"] for m in matches], found["reference_grid"], size)),
+                     cell_boxes([m["reference_cell"] for m in matches], found["reference_grid"], size)),
                 ]))
     figures = [("pairs", "Each row: an image and its pair, each with its own Grad-CAM map (raw, own colour bar).",
                 heatmap_grid(grid))]
