@@ -18,7 +18,14 @@ from sslens.explain.perceptual import Amounts
 from sslens.models.base import create_backbone
 from sslens.study.config import load_study_config
 from sslens.study.explainers import build_explainer
-from sslens.study.groundtruth import FLOOR_TOLERANCE, GrayscaleFirst, _direct_drop, both, verdict
+from sslens.study.groundtruth import (
+    FLOOR_TOLERANCE,
+    GrayscaleFirst,
+    _direct_drop,
+    _map_correlation,
+    both,
+    verdict,
+)
 from sslens.study.run import run_study
 
 SCHEMA = pathlib.Path(__file__).parents[2] / "docs" / "results.schema.json"
@@ -111,6 +118,14 @@ def _ground_truth(tmp_path, name: str, **settings) -> list[dict]:
     return rows
 
 
+def test_map_correlation_counts_a_constant_map_as_uncorrelated():
+    maps = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4)
+    flat = torch.zeros(2, 4, 4)
+    np.testing.assert_allclose(_map_correlation(maps, 2 * maps + 1), [1.0, 1.0])
+    np.testing.assert_allclose(_map_correlation(maps, -maps), [-1.0, -1.0])
+    np.testing.assert_array_equal(_map_correlation(maps, flat), [0.0, 0.0])
+
+
 def test_relax_and_gradcam_find_a_planted_marker(tmp_path):
     rows = {row["explainer"]: row for row in _ground_truth(
         tmp_path, "cue", tests=["planted_cue"], num_images=256, epochs=20, batch_size=64)}
@@ -123,10 +138,19 @@ def test_relax_and_gradcam_find_a_planted_marker(tmp_path):
         assert row["verdict"] == "passes", (name, row["ratio"], row["ratio_to_random"])
 
 
-def test_colour_augmentation_lowers_the_colour_effect(tmp_path):
-    (colour, floor) = _ground_truth(
-        tmp_path, "policy", tests=["color_policy", "grayscale_floor"], num_images=256, epochs=10, batch_size=64)
+def test_colour_augmentation_lowers_the_colour_effect_and_steadies_the_maps(tmp_path):
+    colour, *maps, floor = _ground_truth(
+        tmp_path, "policy", tests=["color_policy", "color_policy_maps", "grayscale_floor"], num_images=256, epochs=10,
+        batch_size=64, explainers=["relax", "gradcam", "labelfree-gxi"])
     # The model trained to ignore colour depends on it less, measured directly and by the explainer.
     assert colour["direct_difference"]["ci_low"] > 0
     assert colour["difference"]["mean"] > 0
     assert floor["verdict"] == "passes" and floor["largest_abs_effect"] <= FLOOR_TOLERANCE
+    # Every listed explainer takes the map policy test: one row each, the same direct contrast
+    # (the colour-blind model's embedding moves less under grayscale: no explainer involved).
+    assert [row["explainer"] for row in maps] == ["relax", "gradcam", "labelfree-gxi"]
+    for row in maps:
+        assert row["test"] == "color_policy_maps" and row["augmented_model"] == "strong-color"
+        assert row["direct_difference"] == maps[0]["direct_difference"] and row["direct_verdict"] == "passes"
+        assert -1 <= row["control"]["mean"] <= row["value"]["mean"] <= 1, row
+        assert row["verdict"] == verdict(row["difference"]["ci_low"], row["difference"]["ci_high"], 0.0)

@@ -21,6 +21,13 @@ fix what they must (or must not) depend on, and each explainer is asked whether 
   frequencies removed) larger, since the low frequencies are all it has. Each contrast is also measured *directly* (the drop in
   similarity when the component is removed from the whole image), which tells a failing
   explainer (direct contrast holds, effect does not) from a ground truth that did not form.
+* **Augmentation policy, for maps.** The same models answer a question every map explainer
+  can take (the component effects above are the perceptual explainer's alone): the model taught
+  to ignore colour must keep its map when the image turns grayscale, and the model taught to
+  ignore blur its map when the image is blurred (σ = 2 px, inside the trained range), more than
+  the unaugmented model does. Measured as the per-image Pearson correlation between the map of
+  x and the map of T(x) (a constant map, which has none, counts as 0); the direct contrast is
+  the same difference of cos(f(x), f(T(x))), which needs no explainer.
 * **Grayscale floor.** An encoder that converts its input to grayscale first is blind to colour
   by construction: its colour effect must be zero up to float rounding.
 
@@ -47,9 +54,10 @@ from torch import nn
 
 from sslens.checks import suggestion
 from sslens.data.base import denormalize, load_split, normalize, to_float
-from sslens.data.pixels import grayscale
+from sslens.data.pixels import gaussian_blur, grayscale
 from sslens.errors import UserError
 from sslens.explain.base import Explainer
+from sslens.explain.metrics.invariance import masked_pearson
 from sslens.explain.metrics.localization import relevance_mass
 from sslens.explain.perceptual import COMPONENTS, Amounts
 from sslens.methods.base import METHODS
@@ -69,7 +77,9 @@ from sslens.study.sharding import explain_rows
 from sslens.study.spec import ModelSpec
 from sslens.train.config import TrainConfig
 
-TESTS = ("planted_cue", "color_policy", "blur_policy", "grayscale_floor")
+TESTS = ("planted_cue", "color_policy", "blur_policy", "color_policy_maps", "blur_policy_maps", "grayscale_floor")
+#: The policy tests every listed explainer takes, by the transform the augmented model ignores.
+MAP_POLICY_TESTS = ("color_policy_maps", "blur_policy_maps")
 
 #: A working explainer's share on the cue model's marker must be at least this many times the
 #: control's and the random map's (the marker's area), each ratio's whole interval above it.
@@ -87,14 +97,17 @@ PLAIN_VIEWS = {"crop_scale": [0.3, 1.0], "jitter_p": 0.0, "grayscale_p": 0.0}
 STRONG_COLOR_VIEWS = {**PLAIN_VIEWS, "jitter_p": 1.0, "brightness": 0.4, "contrast": 0.4, "saturation": 0.8,
                       "hue": 0.5, "grayscale_p": 0.8}
 STRONG_BLUR_VIEWS = {**PLAIN_VIEWS, "blur_p": 1.0, "blur_kernel_size": 9, "blur_sigma": [1.0, 3.0]}
+#: The blur of the map policy test: inside STRONG_BLUR_VIEWS's range, with its kernel.
+TEST_BLUR = {"sigma": 2.0, "kernel_size": 9}
 
 #: model name → (data options, view options, which tests need it).
 MODELS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "cue": ({**CUE_DATA, "cue": True}, CUE_VIEWS, ("planted_cue",)),
     "cue-control": ({**CUE_DATA, "cue": False}, CUE_VIEWS, ("planted_cue",)),
-    "no-augmentation": (POLICY_DATA, PLAIN_VIEWS, ("color_policy", "blur_policy", "grayscale_floor")),
-    "strong-color": (POLICY_DATA, STRONG_COLOR_VIEWS, ("color_policy",)),
-    "strong-blur": (POLICY_DATA, STRONG_BLUR_VIEWS, ("blur_policy",)),
+    "no-augmentation": (POLICY_DATA, PLAIN_VIEWS, ("color_policy", "blur_policy", *MAP_POLICY_TESTS,
+                                                   "grayscale_floor")),
+    "strong-color": (POLICY_DATA, STRONG_COLOR_VIEWS, ("color_policy", "color_policy_maps")),
+    "strong-blur": (POLICY_DATA, STRONG_BLUR_VIEWS, ("blur_policy", "blur_policy_maps")),
 }
 
 #: What each test expects and what failing it means, shown in the report.
@@ -113,6 +126,18 @@ EXPECTED = {
         "the low-pass effect is smaller and the high-pass effect larger for the model trained with strong blur",
         "the low- or high-pass component does not measure dependence on those frequencies (if the direct "
         "contrast holds) or the models here do not differ in them (if it does not)",
+    ),
+    "color_policy_maps": (
+        "the map of the model trained with strong colour augmentation changes less when the image turns grayscale "
+        "(its correlation with the colour image's map is higher) than the unaugmented model's",
+        "the explainer's map moves with what the model ignores (if the direct contrast holds) or the policy did "
+        "not make the model ignore colour (if it does not)",
+    ),
+    "blur_policy_maps": (
+        f"the map of the model trained with strong blur changes less when the image is blurred (σ = "
+        f"{TEST_BLUR['sigma']:g} px) than the unaugmented model's",
+        "the explainer's map moves with what the model ignores (if the direct contrast holds) or the blur policy "
+        "did not make the model ignore blur (if it does not)",
     ),
     "grayscale_floor": (
         f"an encoder that converts its input to grayscale first has a colour effect of 0 (|effect| <= "
@@ -143,10 +168,11 @@ def check_settings(settings: dict) -> None:
             model_specs(settings, method, seed=0, device="cpu")
         except UserError as error:
             raise UserError(f"settings.groundtruth.methods.{method}: {error}") from None
-    if "planted_cue" in settings["tests"] and not settings["explainers"]:
-        raise UserError("settings.groundtruth.explainers is empty: the planted-cue test needs an explainer to check "
-                        "(e.g. [relax, gradcam]).")
-    if "planted_cue" in settings["tests"]:
+    needing = [test for test in settings["tests"] if test in ("planted_cue", *MAP_POLICY_TESTS)]
+    if needing and not settings["explainers"]:
+        raise UserError(f"settings.groundtruth.explainers is empty: the {needing[0].replace('_', ' ')} test needs an "
+                        "explainer to check (e.g. [relax, gradcam]).")
+    if needing:
         _check_explainers_fit(settings)
 
 
@@ -236,11 +262,12 @@ def mirrored(images: torch.Tensor) -> torch.Tensor:
     return images.flip(-1)
 
 
-def _cocoa_sets(ctx, settings: dict, data) -> CocoaSets:
-    """COCOA's corpora and foil for the cue world's test ``data``: its training split (what the
-    cue model was trained on, the marker included), drawn with seeds from the study seed."""
+def _cocoa_sets(ctx, settings: dict, data, world: str = "cue") -> CocoaSets:
+    """COCOA's corpora and foil for the test ``data`` of model ``world``'s world: its training
+    split (what that model was trained on, e.g. the marker included), drawn with seeds from the
+    study seed."""
     train = load_split("synthetic", "train", data_dir=None, image_size=settings["image_size"],
-                       options={**MODELS["cue"][0], "num_images": settings["num_images"]}, device=ctx.device)
+                       options={**MODELS[world][0], "num_images": settings["num_images"]}, device=ctx.device)
     images = normalize(to_float(train.images.to(ctx.device)), train.mean, train.std)
     return CocoaSets(
         train_labels=torch.as_tensor(train.labels).cpu(),
@@ -374,6 +401,69 @@ def policy_contrast(ctx, models: dict, settings: dict, count: int, method: str, 
     return rows, arrays
 
 
+#: Per map policy test: the augmented model and the transform it was taught to ignore, on
+#: normalised images (mean, std) → images.
+MAP_POLICY = {
+    "color_policy_maps": ("strong-color", "grayscale",
+                          lambda x, mean, std: normalize(grayscale(denormalize(x, mean, std)), mean, std)),
+    "blur_policy_maps": ("strong-blur", f"blur σ = {TEST_BLUR['sigma']:g} px",
+                         lambda x, mean, std: normalize(gaussian_blur(denormalize(x, mean, std), **TEST_BLUR), mean, std)),
+}
+
+
+def _map_correlation(first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
+    """Per image, the Pearson correlation of two (B, H, W) maps; 0 where either is constant."""
+    valid = torch.ones(first.shape[-2:], dtype=torch.bool)
+    return masked_pearson(first.float(), second.float(), valid).nan_to_num(0.0).double().numpy()
+
+
+@torch.no_grad()
+def _similarity(encoder: nn.Module, first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
+    embed = lambda x: F.normalize(encoder(x).flatten(1).double(), dim=1)  # noqa: E731
+    return (embed(first) * embed(second)).sum(1).cpu().numpy()
+
+
+def map_policy(ctx, models: dict, settings: dict, count: int, method: str, test: str,
+               cache: dict) -> tuple[list[dict], dict]:
+    """One row per explainer: how much more its map of ``method``'s augmented model keeps under
+    the transform the model was taught to ignore than its map of the unaugmented model.
+
+    ``cache`` holds the maps of the untransformed images per (model, explainer), which the colour
+    and blur tests share for the unaugmented model."""
+    strong, transform_name, transform = MAP_POLICY[test]
+    data, images = _test_images("no-augmentation", settings, count, ctx.device)
+    changed = transform(images, data.mean, data.std)
+    cocoa = _cocoa_sets(ctx, settings, data, world="no-augmentation")
+    kept, direct = {}, {}
+    arrays = {"policy_images": data.images.cpu().numpy()}
+    for model in ("no-augmentation", strong):
+        encoder = models[model].encoder("pooled", data)
+        direct[model] = _similarity(encoder, images, changed)
+        for name in settings["explainers"]:
+            key = (model, name)
+            if key not in cache:
+                cache[key] = _maps(ctx, name, encoder, images, data, cocoa)
+            kept[model, name] = _map_correlation(cache[key], _maps(ctx, name, encoder, changed, data, cocoa))
+            arrays[item_key(method, test, model, name, "map_correlation")] = kept[model, name]
+    rows = []
+    seed = seed_for(ctx.seed, f"{method} {test} direct contrast")
+    direct_difference = paired_difference(direct[strong], direct["no-augmentation"], unit="images", seed=seed)
+    for name in settings["explainers"]:
+        seed = seed_for(ctx.seed, f"{method} {test} {name} contrast")
+        difference = paired_difference(kept[strong, name], kept["no-augmentation", name], unit="images", seed=seed)
+        rows.append({
+            "test": test, "explainer": name, "measure": f"correlation of the maps of x and T(x), T = {transform_name}",
+            "augmented_model": strong,
+            "value": bootstrap_mean(kept[strong, name], unit="images", seed=seed + 1).to_dict(),
+            "control": bootstrap_mean(kept["no-augmentation", name], unit="images", seed=seed + 2).to_dict(),
+            "difference": difference.to_dict(), "difference_of": f"{strong} − no-augmentation",
+            "direct_difference": direct_difference.to_dict(),
+            "threshold": 0.0, "verdict": verdict(difference.ci_low, difference.ci_high, 0.0),
+            "direct_verdict": verdict(direct_difference.ci_low, direct_difference.ci_high, 0.0),
+        })
+    return rows, arrays
+
+
 def grayscale_floor(ctx, models: dict, settings: dict, count: int, method: str) -> tuple[list[dict], dict]:
     """The colour effect of ``method``'s unaugmented model behind a grayscale conversion."""
     data, images = _test_images("no-augmentation", settings, count, ctx.device)
@@ -401,9 +491,12 @@ def run_groundtruth(ctx, settings: dict, samples: int) -> StageResult:
             for name, spec in specs.items()
         }
         principle = next(iter(models.values())).principle
+        unchanged_maps: dict = {}
         for test in settings["tests"]:
             if test == "planted_cue":
                 found = planted_cue(ctx, models, settings, samples, method)
+            elif test in MAP_POLICY_TESTS:
+                found = map_policy(ctx, models, settings, samples, method, test, unchanged_maps)
             elif test == "grayscale_floor":
                 found = grayscale_floor(ctx, models, settings, samples, method)
             else:

@@ -649,6 +649,9 @@ def _ground_truth_drill(result, row: dict) -> Drill | None:
         images, key = "cue_images", item_key(row["method"], row["explainer"], "cue", "share")
     elif row["test"] == "grayscale_floor":
         images, key = "policy_images", item_key(row["method"], "grayscale_floor", "effect")
+    elif "explainer" in row:
+        images, key = "policy_images", item_key(row["method"], row["test"], row["augmented_model"], row["explainer"],
+                                                "map_correlation")
     else:
         images, key = "policy_images", item_key(row["method"], row["test"], row["augmented_model"], row["component"],
                                                 "effect")
@@ -686,6 +689,8 @@ def groundtruth(ctx, outputs: dict, settings: dict) -> SectionContent:
         f"two models see the same images). Planted cue: share of offset-free importance on the marker; policy "
         f"tests: the component's effect 1 − E[s] of the augmented model, its control trained without the "
         f"augmentation, and their difference, oriented so that the expected answer is > 0; the direct contrast is the "
-        f"same difference of the similarity drop when the component is removed from the whole image.",
+        f"same difference of the similarity drop when the component is removed from the whole image. Map policy "
+        f"tests: the correlation of each image's map with the map of its grayscale or blurred version, for the "
+        f"augmented model and the control; the direct contrast is the same difference of cos(f(x), f(T(x))).",
     )
     return SectionContent(figures, [table], notes=notes)
