@@ -74,16 +74,23 @@ def test_cocoa_and_label_free_maps_run_in_the_studys_experiments_and_gradcam_pai
         "dataset": {"train_options": {"num_images": 96}, "test_options": {"num_images": 48}},
         "models": [{"name": "simclr", "method": "simclr", "backbone": "resnet-tiny", "epochs": 1, "batch_size": 32,
                     "optimizer": "adam", "lr": 2e-3, "warmup_epochs": 0, "max_steps": 2}],
-        "experiments": ["faithfulness", "localization", "gradcam_pairs"],
+        "experiments": ["faithfulness", "localization", "sanity", "gradcam_pairs"],
         "explainers": {"cocoa-ig": {"steps": 4}, "labelfree-gxi": {}},
-        "samples": {"faithfulness": 2, "localization": 2},
+        "samples": {"faithfulness": 2, "localization": 2, "sanity": 3},
         "settings": {"faithfulness": {"steps": 4, "explainers": ["cocoa-ig", "labelfree-gxi"]},
-                     "localization": {"explainers": ["cocoa-ig"]}},
+                     "localization": {"explainers": ["cocoa-ig"]},
+                     "sanity": {"explainers": ["labelfree-gxi", "cocoa-ig"], "steps": 2}},
     }
     outcome = run_study(load_study_config(None, config), tmp_path / "study", progress=False)
     results = json.loads(outcome.results.read_text())["experiments"]
     assert set(results["faithfulness"]["simclr"]) >= {"cocoa-ig", "labelfree-gxi"}
     assert "cocoa-ig" in results["localization"]["simclr"]["explainers"]
+    sanity = results["sanity"]["simclr"]
+    for name in ("labelfree-gxi", "cocoa-ig"):
+        # Two cascading steps, three images each, every rank correlation a real number.
+        assert len(sanity[name]["steps"]) == 2 and np.shape(sanity[name]["spearman_per_image"]) == (2, 3)
+        assert all(-1 <= r <= 1 for row in sanity[name]["spearman_per_image"] for r in row)
+        assert sanity[name]["verdict"] in ("passes", "fails", "inconclusive")
     pairs = results["gradcam_pairs"]["simclr"]
     found = pairs["correspondence"]
     assert [len(m) for m in found["matches"]] == [5, 5, 5]
