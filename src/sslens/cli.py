@@ -330,6 +330,8 @@ def groundtruth_command(
 ) -> None:
     """Train small models whose answer is known (a planted marker, colour and blur policies, a
     grayscale-only encoder) and report whether each explainer finds it: passes, fails or inconclusive.
+    Every listed explainer takes the planted-cue and the map policy tests; the component policy
+    tests are the perceptual explainer's.
 
     The same as the study experiment `groundtruth` run alone; the study's own models are not trained.
     """
@@ -344,7 +346,7 @@ def groundtruth_command(
         rows = json.loads(outcome.results.read_text())["experiments"]["groundtruth"]["study"]["tests"]
         for row in rows:
             what = row.get("explainer") or row.get("component")
-            typer.echo(f"{row['method']:<13} {row['test']:<16} {what:<10} {row['verdict']}")
+            typer.echo(f"{row['method']:<13} {row['test']:<18} {what:<18} {row['verdict']}")
         typer.echo(f"Report: {outcome.report} (numbers in {outcome.results}; {outcome.seconds:.0f} s)")
 
 

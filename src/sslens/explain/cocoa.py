@@ -41,6 +41,13 @@ Where sslens differs from the paper's code (github.com/suinleelab/cl-explainabil
   ``"mean"`` or (for IG) an image tensor are the alternatives.
 * Maps are raw per-pixel (B, H, W) float32: IG summed over colour channels (the reference
   keeps channels), never rescaled.
+* **A zero baseline and a network without biases.** y depends on f(x̃) only through its
+  direction, so for a positively homogeneous encoder (ReLU convolutions without biases, e.g. a
+  ResNet at initialisation, whose BatchNorm still has its initial statistics) y is constant
+  along the straight path from ``baseline="zero"`` and jumps at the baseline itself: the
+  attributions sum to 0 instead of y(x) − y(0), ``info["completeness_gap"]`` is the whole
+  difference, and the map is gradient × input times the quadrature's Σ w/α. Trained networks
+  have biases; for such an encoder use ``baseline="blur"`` or ``"mean"``.
 
 >>> from torch import nn
 >>> encoder = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())

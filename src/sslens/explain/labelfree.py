@@ -40,8 +40,10 @@ Where sslens differs from the paper's code, and why:
   Captum rounds its step sizes to float32), computed directly: image × step rows of several
   images are packed into forward passes of ``batch_size`` (Captum builds all ``B × steps``
   path images at once), gradients are taken with respect to the input only, and there is no
-  runtime dependency. It is also at least as fast (``benchmarks/embedding_explainers.py``
-  times both on the same target and steps), so it is the only engine.
+  runtime dependency. Captum would do it batched too, and is about as fast on the CPU
+  (``benchmarks/embedding_explainers.py`` times both on the same target and steps; figures in
+  docs/BENCHMARKS.md); the direct version is kept for the packing across images, the gradients
+  for the input only and one IG core shared with COCOA, and Captum stays a test-only reference.
 * **Trapezoid weights.** ``rule="riemann_trapezoid"`` uses the trapezoid rule on
   ``linspace(0, 1, steps)`` (weights ``1 / (steps − 1)``, halved at the ends, summing to 1).
   Captum's step sizes for it are ``1 / steps`` halved at the ends, which sum to
