@@ -2,7 +2,7 @@
 
 Each method is built with its packaged ``<method>-synthetic`` config's options (on
 ``--backbone``) and steps on fixed device tensors of its own view recipe's shapes (two 32 px
-views; SwAV adds its local crops), so the numbers compare the methods' models and losses, not
+views; SwAV and DINO add their local crops), so the numbers compare the methods' models and losses, not
 data loading. Median of ``--repeats`` × ``--steps`` timed steps after ``--warmup`` steps.
 
     python benchmarks/method_throughput.py --device cpu --batch-size 128
