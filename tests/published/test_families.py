@@ -357,6 +357,34 @@ def test_dino_vit_backbone_only_becomes_the_timm_vit(tmp_path):
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["dropped"] == {}
 
 
+def test_an_imported_dino_vit_shows_the_class_attention_dinos_own_code_shows(tmp_path):
+    """visualize_attention.py reads ``get_last_selfattention(img)[0, :, 0, 1:]``: the last block's
+    class-token attention per head. cls-attention of the imported model must be that, upsampled."""
+    pytest.importorskip("timm")
+    from sslens.explain.base import create_explainer
+
+    source = randomised(DinoViT(), seed=5).eval()
+    method, _, _ = import_and_load(tmp_path, source.state_dict(), "dino", name="dino_deitsmall16_pretrain.pth")
+    last = source.blocks[-1].attn
+    recorded = []
+
+    def attention_of(x: torch.Tensor) -> torch.Tensor:  # DinoAttention.forward, keeping attn
+        B, N, C = x.shape
+        q, k, v = last.qkv(x).reshape(B, N, 3, last.num_heads, C // last.num_heads).permute(2, 0, 3, 1, 4)
+        recorded.append(((q @ k.transpose(-2, -1)) * last.scale).softmax(dim=-1))
+        return last.proj((recorded[-1] @ v).transpose(1, 2).reshape(B, N, C))
+
+    last.forward = attention_of
+    with torch.no_grad():
+        source(IMAGES)
+    heads = recorded[0][:, :, 0, 1:].reshape(len(IMAGES), -1, 2, 2)  # 32 px / 16-px patches
+    expected = F.interpolate(heads, size=IMAGES.shape[-2:], mode="bilinear", align_corners=False)
+    explanation = create_explainer("cls-attention", method.encoder("pooled"))(IMAGES)
+    for head in range(6):
+        torch.testing.assert_close(explanation.components[f"head{head}"], expected[:, head], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(explanation.importance, expected.mean(dim=1), rtol=1e-4, atol=1e-6)
+
+
 def test_dino_full_checkpoint_keeps_the_teacher_and_its_head(tmp_path):
     pytest.importorskip("timm")
     student = randomised(MultiCropWrapper(DinoViT(), DINOHead(384, 10, use_bn=False, nlayers=3)), seed=6)
