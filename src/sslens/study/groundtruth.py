@@ -57,7 +57,7 @@ from sslens.data.base import denormalize, load_split, normalize, to_float
 from sslens.data.pixels import gaussian_blur, grayscale
 from sslens.errors import UserError
 from sslens.explain.base import Explainer
-from sslens.explain.metrics.invariance import masked_pearson
+from sslens.explain.metrics.invariance import invariance_augmentation, masked_pearson
 from sslens.explain.metrics.localization import relevance_mass
 from sslens.explain.perceptual import COMPONENTS, Amounts
 from sslens.methods.base import METHODS
@@ -344,13 +344,19 @@ def _effects(explainer: Explainer, images: torch.Tensor) -> dict[str, np.ndarray
 
 
 @torch.no_grad()
+def _similarity(encoder: nn.Module, first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
+    """Per image, cos(f(first), f(second)) in float64."""
+    embed = lambda x: F.normalize(encoder(x).flatten(1).double(), dim=1)  # noqa: E731
+    return (embed(first) * embed(second)).sum(1).cpu().numpy()
+
+
+@torch.no_grad()
 def _direct_drop(encoder: nn.Module, images: torch.Tensor, data, component: str, amounts: Amounts) -> np.ndarray:
     """Per image, 1 − cos(f(x), f(x without ``component`` everywhere)): the component's removal
     from the whole image (with the explainer's ``amounts``), which needs no explainer."""
     pixels = denormalize(images, data.mean, data.std)
     absent = COMPONENTS[component].build(pixels, None, amounts).absent
-    embed = lambda x: F.normalize(encoder(x).flatten(1).double(), dim=1)  # noqa: E731
-    return (1 - (embed(images) * embed(normalize(absent, data.mean, data.std))).sum(1)).cpu().numpy()
+    return 1 - _similarity(encoder, images, normalize(absent, data.mean, data.std))
 
 
 #: Per policy test: the augmented model and, per component, whether the augmentation should make
@@ -405,7 +411,7 @@ def policy_contrast(ctx, models: dict, settings: dict, count: int, method: str, 
 #: normalised images (mean, std) → images.
 MAP_POLICY = {
     "color_policy_maps": ("strong-color", "grayscale",
-                          lambda x, mean, std: normalize(grayscale(denormalize(x, mean, std)), mean, std)),
+                          lambda x, mean, std: invariance_augmentation("grayscale", mean, std).apply(x)),
     "blur_policy_maps": ("strong-blur", f"blur σ = {TEST_BLUR['sigma']:g} px",
                          lambda x, mean, std: normalize(gaussian_blur(denormalize(x, mean, std), **TEST_BLUR), mean, std)),
 }
@@ -415,12 +421,6 @@ def _map_correlation(first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
     """Per image, the Pearson correlation of two (B, H, W) maps; 0 where either is constant."""
     valid = torch.ones(first.shape[-2:], dtype=torch.bool)
     return masked_pearson(first.float(), second.float(), valid).nan_to_num(0.0).double().numpy()
-
-
-@torch.no_grad()
-def _similarity(encoder: nn.Module, first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
-    embed = lambda x: F.normalize(encoder(x).flatten(1).double(), dim=1)  # noqa: E731
-    return (embed(first) * embed(second)).sum(1).cpu().numpy()
 
 
 def map_policy(ctx, models: dict, settings: dict, count: int, method: str, test: str,
